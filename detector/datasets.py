@@ -1,0 +1,159 @@
+"""Load a YOLO data YAML the way a user means it, and describe the dataset it names.
+
+A relative `path:` is resolved against the YAML's own folder (Ultralytics would
+resolve it against the current directory or its datasets folder). Training uses
+a resolved copy with absolute paths and no `download:` key, so nothing can
+trigger a download and the run folder records exactly what was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from detector.errors import DatasetError
+
+IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A resolved dataset: where it is, what it holds, and a fingerprint of its files."""
+
+    yaml: Path  # the user's YAML
+    root: Path
+    splits: dict  # split name -> list of absolute image paths (as str)
+    names: dict  # class id -> name
+    fingerprint: str
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def train_images(self) -> int:
+        return len(self.splits["train"])
+
+    @property
+    def val_images(self) -> int:
+        return len(self.splits["val"])
+
+    def summary(self) -> dict:
+        """The run.json `dataset` entry."""
+        return {
+            "yaml": str(self.yaml),
+            "root": str(self.root),
+            "train_images": self.train_images,
+            "val_images": self.val_images,
+            "names": {int(k): v for k, v in self.names.items()},
+            "fingerprint": self.fingerprint,
+        }
+
+    def resolved_yaml(self) -> dict:
+        """The data YAML with absolute paths and without `download`, as handed to Ultralytics."""
+        data = {k: v for k, v in self.raw.items() if k not in {"download", "path"}}
+        data["path"] = str(self.root)
+        for split in ("train", "val", "test"):
+            if split in data and data[split]:
+                data[split] = _absolute(self.root, data[split])
+        data["names"] = {int(k): v for k, v in self.names.items()}
+        return data
+
+    def write_resolved(self, path: Path) -> Path:
+        """Write resolved_yaml() to path and return it."""
+        path.write_text(yaml.safe_dump(self.resolved_yaml(), sort_keys=False), encoding="utf-8")
+        return path
+
+
+def _absolute(root: Path, entry):
+    if isinstance(entry, list):
+        return [str((root / e).resolve()) for e in entry]
+    return str((root / entry).resolve())
+
+
+def _images_in(root: Path, entry, split: str, yaml_path: Path) -> list[str]:
+    """Image files named by one split entry: a folder, a .txt list of files, or a list of those."""
+    entries = entry if isinstance(entry, list) else [entry]
+    found: list[str] = []
+    for e in entries:
+        p = (root / str(e)).resolve()
+        if p.is_dir():
+            found += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file() and p.suffix == ".txt":
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line:
+                    q = Path(line) if Path(line).is_absolute() else (p.parent / line)
+                    found.append(str(q.resolve()))
+        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(str(p))
+        else:
+            raise DatasetError(f"{yaml_path}: the {split} path {p} does not exist; fix '{split}:' or 'path:' in the YAML")
+    if not found:
+        raise DatasetError(f"{yaml_path}: the {split} split has no images under {p}; add images or fix '{split}:'")
+    return found
+
+
+def _names(raw: dict, yaml_path: Path) -> dict:
+    names = raw.get("names")
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or not names:
+        raise DatasetError(f"{yaml_path}: 'names:' is missing or empty; list the class names")
+    if raw.get("nc") is not None and int(raw["nc"]) != len(names):
+        raise DatasetError(f"{yaml_path}: nc is {raw['nc']} but 'names:' lists {len(names)} classes; make them agree")
+    return {int(k): str(v) for k, v in names.items()}
+
+
+def _fingerprint(splits: dict) -> str:
+    """A hash of every image and label file's name and size: cheap, and changes when the data does."""
+    h = hashlib.sha1()
+    for split in sorted(splits):
+        for img in splits[split]:
+            p = Path(img)
+            label = label_path(p)
+            h.update(f"{split}|{p.name}|{_size(p)}|{_size(label)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return -1
+
+
+def label_path(image: Path) -> Path:
+    """The YOLO label file of an image: the last 'images' folder in its path becomes 'labels'."""
+    parts = list(Path(image).parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def load(yaml_path: str | Path) -> DatasetInfo:
+    """Read and check a data YAML; raise DatasetError with one clear sentence when it cannot train."""
+    yaml_path = Path(yaml_path).expanduser()
+    if not yaml_path.is_file():
+        raise DatasetError(f"data file {yaml_path} not found; pass --data with a YOLO data YAML")
+    try:
+        raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise DatasetError(f"{yaml_path} is not readable YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{yaml_path} is not a YOLO data YAML (expected keys path, train, val, names)")
+    missing = [k for k in ("train", "val") if not raw.get(k)]
+    if missing:
+        raise DatasetError(f"{yaml_path} has no {' or '.join(missing)} key; a data YAML needs both train: and val:")
+    base = yaml_path.resolve().parent
+    root = Path(str(raw.get("path") or "."))
+    root = (root if root.is_absolute() else base / root).resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{yaml_path}: dataset folder {root} (from 'path:') does not exist")
+    names = _names(raw, yaml_path)
+    splits = {s: _images_in(root, raw[s], s, yaml_path) for s in ("train", "val")}
+    return DatasetInfo(
+        yaml=yaml_path.resolve(), root=root, splits=splits, names=names, fingerprint=_fingerprint(splits), raw=raw
+    )

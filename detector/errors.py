@@ -1,0 +1,48 @@
+"""Typed errors: library code raises these; only cli.py turns them into exit messages.
+
+Each message is one sentence that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class DetectorError(Exception):
+    """Base class of every error the tool reports to the user as one line."""
+
+    exit_code = 1
+
+
+class UsageError(DetectorError):
+    """An option or argument that cannot work (bad value, conflicting options)."""
+
+    exit_code = 2
+
+
+class DatasetError(DetectorError):
+    """A dataset that is missing, malformed or unusable for training."""
+
+
+class ModelError(DetectorError):
+    """A model definition or weights file that cannot be loaded offline."""
+
+
+class RunDirError(DetectorError):
+    """A run folder that is missing, not a run, already exists or cannot be written."""
+
+
+class BatchError(DetectorError):
+    """No batch size fits, or a batch setting is invalid."""
+
+
+class AugmentError(DetectorError):
+    """An augmentation pipeline that cannot be loaded or used for detection."""
+
+
+class ExportError(DetectorError):
+    """An export that failed, or whose outputs do not match the PyTorch model."""
+
+
+class TrainingInterrupted(DetectorError):
+    """Training was stopped by Ctrl-C or SIGTERM; the run folder says how far it got."""
+
+    exit_code = 130
