@@ -292,10 +292,10 @@ class RecordingTrainer(DetectionTrainer):
                 self.tap.in_final = False
 
 
-def train(overrides: dict) -> dict:
+def train(overrides: dict, trainer: type = RecordingTrainer) -> dict:
     """Train with the record attached; return what the trainer ended with."""
     model = YOLO(overrides["model"])
-    model.train(trainer=RecordingTrainer, **overrides)
+    model.train(trainer=trainer, **overrides)
     return _outcome(model.trainer)
 
 
@@ -308,3 +308,338 @@ def resume(last_pt: Path, overrides: dict) -> dict:
 
 def _outcome(trainer) -> dict:
     return {"batch_used": trainer.batch_size, "epochs": trainer.epochs, "best": str(trainer.best)}
+
+
+# -- Albumentations pipelines and the training loader (issue 4: detector/augment.py, preview, bench) -------------------
+
+def default_albumentations() -> list[dict]:
+    """Ultralytics' own default Albumentations set, in A.to_dict form (what the `ultralytics` preset must equal)."""
+    import albumentations as A
+    from ultralytics.data.augment import Albumentations
+
+    return [A.to_dict(t) for t in Albumentations(p=1.0, transforms=None).transform.transforms]
+
+
+def augment_sample(transforms: list[dict], image, boxes_xyxy, cls, seed: int = 0):
+    """Run Ultralytics' Albumentations step on one image with pixel xyxy boxes; return (image, boxes_xyxy, cls)."""
+    import numpy as np
+    from ultralytics.data.augment import Albumentations
+    from ultralytics.utils.instance import Instances
+
+    step = Albumentations(p=1.0, transforms=list(transforms))
+    if step.transform is None:
+        return None
+    torch.manual_seed(seed)  # the step seeds Albumentations' own RNG from torch.initial_seed()
+    labels = {
+        "img": image, "cls": np.asarray(cls, dtype=np.float32).reshape(-1, 1),
+        "instances": Instances(bboxes=np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4),
+                               segments=np.zeros((0, 1000, 2), dtype=np.float32), bbox_format="xyxy",
+                               normalized=False),
+    }
+    out = step(labels)
+    h, w = out["img"].shape[:2]
+    inst = out["instances"]
+    inst.convert_bbox("xyxy")
+    inst.denormalize(w, h)
+    return out["img"], inst.bboxes.copy(), out["cls"].reshape(-1)
+
+
+def check_augmentations(transforms: list[dict], imgsz: int, source: str) -> None:
+    """Dry-run a pipeline through Ultralytics' own Albumentations step; raise AugmentError if it cannot train."""
+    import logging
+
+    import numpy as np
+
+    from detector.errors import AugmentError
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    shown = LOGGER.handlers[:]  # the dry run's own log lines are kept for the error, not printed
+    LOGGER.handlers[:] = [handler]
+    try:
+        image = np.random.default_rng(0).integers(0, 256, (imgsz, imgsz, 3), dtype=np.uint8)
+        box = [imgsz * 0.3, imgsz * 0.35, imgsz * 0.7, imgsz * 0.65]
+        for seed in range(3):
+            out = augment_sample(transforms, image.copy(), [box], [0], seed=seed)
+            if out is None:
+                raise AugmentError(f"{source}: Ultralytics cannot build this pipeline: {(said or ['unknown error'])[-1]}")
+            if out[0].shape != (imgsz, imgsz, 3):
+                raise AugmentError(f"{source}: the pipeline turns a {imgsz}x{imgsz} image into "
+                                   f"{out[0].shape[1]}x{out[0].shape[0]}; every image of a batch must keep its size")
+    except AugmentError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AugmentError(f"{source}: the pipeline fails on a training sample: {type(e).__name__}: {first}") from None
+    finally:
+        LOGGER.handlers[:] = shown
+
+
+def training_loader(data_yaml: Path, transforms: list[dict] | None, imgsz: int, batch: int, workers: int = 0,
+                    seed: int = 0, overrides: dict | None = None):
+    """Ultralytics' training dataset and loader, built as DetectionTrainer builds them (augment on, shuffle on).
+
+    transforms None keeps Ultralytics' default Albumentations set. Images are read from disk as batches
+    need them; only `cache=ram`/`cache=disk` in overrides changes that.
+    """
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils.torch_utils import init_seeds
+
+    args = {**(overrides or {}), "data": str(data_yaml), "imgsz": imgsz, "batch": batch, "workers": workers,
+            "seed": seed, "mode": "train"}
+    if transforms is not None:
+        args["augmentations"] = list(transforms)
+    cfg = get_cfg(DEFAULT_CFG, args)
+    data = check_det_dataset(str(data_yaml))
+    init_seeds(cfg.seed + 1 + RANK, deterministic=cfg.deterministic)  # as BaseTrainer.__init__ seeds
+    dataset = build_yolo_dataset(cfg, data["train"], batch, data, mode="train", stride=32)
+    loader = build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=-1, device="cpu")
+    return dataset, loader, data["names"]
+
+
+def augmented_batch(data_yaml: Path, transforms: list[dict] | None, imgsz: int, batch: int, seed: int = 0,
+                    overrides: dict | None = None) -> dict:
+    """The first training batch as the trainer's loader yields it, as numpy: images HWC RGB uint8 and boxes."""
+    _, loader, names = training_loader(data_yaml, transforms, imgsz, batch, workers=0, seed=seed, overrides=overrides)
+    b = next(iter(loader))
+    return {
+        "images": b["img"].permute(0, 2, 3, 1).contiguous().numpy(),  # Format already made it RGB
+        "batch_idx": b["batch_idx"].numpy().astype(int),
+        "cls": b["cls"].numpy().reshape(-1).astype(int),
+        "bboxes": b["bboxes"].numpy(),  # normalized xywh
+        "files": list(b["im_file"]),
+        "names": {int(k): v for k, v in names.items()},
+    }
+
+
+# --- Export, parity and predict (issue 6: detector export / detector predict) ----------------------------------------
+
+import contextlib as _contextlib  # noqa: E402
+import logging as _logging  # noqa: E402
+from importlib import metadata as _metadata  # noqa: E402
+
+import numpy as _np  # noqa: E402
+
+from detector.errors import ExportError  # noqa: E402
+
+
+def export_formats() -> dict[str, str]:
+    """Ultralytics' export formats: the `format=` argument -> the exported file's suffix ('onnx' -> '.onnx')."""
+    from ultralytics.engine.exporter import export_formats as _formats
+
+    table = _formats()
+    return dict(zip(table["Argument"][1:], table["Suffix"][1:]))  # row 0 is PyTorch itself
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return re.sub(r"\x1b\[[0-9;]*m", "", text[0]) if text else type(e).__name__
+
+
+def load_model(weights: Path):
+    """Load a .pt or exported detection model for inference; ModelError if the file cannot be read."""
+    if not Path(weights).exists():  # Ultralytics would try to download a missing file by name
+        raise ModelError(f"weights {weights} not found")
+    try:
+        model = YOLO(str(weights), task="detect")
+    except Exception as e:  # torch.load, onnx and friends raise anything on a damaged file
+        raise ModelError(f"cannot load {weights}: {_first_line(e)}; is it a complete weights file?") from None
+    if model.task != "detect":
+        raise ModelError(f"{weights} is a {model.task} model; detector handles detection models")
+    return model
+
+
+def model_defaults(model) -> dict:
+    """What a loaded .pt remembers from training: image size and data YAML (empty for exported models)."""
+    args = getattr(model, "overrides", {}) or {}
+    return {"imgsz": args.get("imgsz"), "data": args.get("data")}
+
+
+@_contextlib.contextmanager
+def _quiet_ultralytics():
+    """Silence Ultralytics' own log lines (banners, 'export failure') so the CLI prints one clear line."""
+    logger = _logging.getLogger("ultralytics")
+    level = logger.level
+    logger.setLevel(_logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _not_installed(requirements) -> list[str]:
+    """The requirement specs (as Ultralytics writes them) of which no candidate package is installed at all."""
+    if isinstance(requirements, (str, Path)):
+        requirements = [requirements]
+    missing = []
+    for r in requirements:
+        candidates = r if isinstance(r, (list, tuple)) else [r]
+        names = [re.match(r"([a-zA-Z0-9-_.]+)", str(c).rpartition("/")[-1])[1] for c in candidates]
+        installed = False
+        for name in names:
+            try:
+                _metadata.version(name)
+                installed = True
+                break
+            except _metadata.PackageNotFoundError:
+                continue
+        if not installed:
+            missing.append(str(candidates[0]))
+    return missing
+
+
+@_contextlib.contextmanager
+def _no_installs(fmt: str):
+    """Make a missing export backend an ExportError that names what to pip install.
+
+    With YOLO_AUTOINSTALL off, Ultralytics' check_requirements only logs a warning and
+    returns False, and the export then dies later on an ImportError deep inside the
+    exporter. Each exporter module holds its own reference to the function, so every
+    loaded one is swapped for the duration of the export.
+    """
+    import sys
+
+    from ultralytics.utils import checks
+
+    original = checks.check_requirements
+
+    def strict(requirements=checks.ROOT.parent / "requirements.txt", exclude=(), install=True, cmds="", constrain=()):
+        if original(requirements, exclude=exclude, install=False, cmds=cmds, constrain=constrain):
+            return True
+        missing = _not_installed(requirements)
+        if missing:
+            raise ExportError(f"export format '{fmt}' needs {', '.join(missing)}, which is not installed and is "
+                              f"never installed automatically; install it with: pip install {' '.join(repr(m) for m in missing)}")
+        return False  # installed, only older than Ultralytics asks for: let the export try
+
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("ultralytics.") and getattr(m, "check_requirements", None) is original]
+    for module in patched:
+        module.check_requirements = strict
+    checks.check_requirements = strict  # modules imported during the export bind the strict one
+    try:
+        yield
+    finally:
+        checks.check_requirements = original
+        for module in patched:
+            module.check_requirements = original
+        for name, m in list(sys.modules.items()):
+            if name.startswith("ultralytics.") and getattr(m, "check_requirements", None) is strict:
+                m.check_requirements = original
+
+
+def export_model(weights: Path, fmt: str, imgsz: int, half: bool = False, dynamic: bool = False,
+                 simplify: bool = True, opset: int | None = None, batch: int = 1) -> Path:
+    """Export a .pt with Ultralytics on the CPU and return the exported file (or folder); ExportError on failure."""
+    model = load_model(weights)
+    args = {"format": fmt, "imgsz": imgsz, "dynamic": dynamic, "simplify": simplify, "batch": batch,
+            "device": "cpu", "verbose": False}
+    if opset:
+        args["opset"] = opset
+    if half:
+        args["quantize"] = 16  # 8.4's name for the deprecated half=True
+    with _no_installs(fmt), _quiet_ultralytics():
+        try:
+            out = model.export(**args)
+        except ExportError:
+            raise
+        except ImportError as e:
+            package = e.name or _first_line(e)
+            raise ExportError(f"export format '{fmt}' needs the Python package '{package}', which is not installed "
+                              f"and is never installed automatically; install it with: pip install {package}") from None
+        except Exception as e:
+            raise ExportError(f"{fmt} export of {weights} failed: {_first_line(e)}") from None
+    if not out or not Path(out).exists():
+        raise ExportError(f"{fmt} export of {weights} produced no file")
+    return Path(out)
+
+
+def torch_forward(weights: Path, imgsz: int):
+    """A function running the .pt as predict does (fused, eval, float32, CPU): (N,3,H,W) array -> raw output array."""
+    module = load_model(weights).model.float().eval()
+    with _quiet_ultralytics():
+        module = module.fuse(verbose=False, imgsz=imgsz)
+
+    def forward(x: _np.ndarray) -> _np.ndarray:
+        with torch.inference_mode():
+            y = module(torch.from_numpy(x))
+        return _raw(y)
+
+    return forward
+
+
+def backend_forward(path: Path):
+    """A function running any exported model through Ultralytics' AutoBackend on the CPU, raw output out."""
+    from ultralytics.nn.autobackend import AutoBackend
+
+    with _quiet_ultralytics():
+        try:
+            backend = AutoBackend(str(path), device=torch.device("cpu"), fp16=False, verbose=False)
+        except Exception as e:
+            raise ModelError(f"cannot load {path}: {_first_line(e)}") from None
+
+    def forward(x: _np.ndarray) -> _np.ndarray:
+        with torch.inference_mode():
+            return _raw(backend(torch.from_numpy(x)))
+
+    return forward
+
+
+def _raw(y) -> _np.ndarray:
+    """The (N, 4+nc, anchors) decoded head output from whatever container the model returned."""
+    while isinstance(y, (list, tuple)):
+        y = y[0]
+    return (y.detach().float().cpu().numpy() if torch.is_tensor(y) else _np.asarray(y)).astype(_np.float32)
+
+
+def letterbox(image: _np.ndarray, imgsz: int) -> _np.ndarray:
+    """A BGR image as the exported model's input: letterboxed to imgsz square, RGB, 0..1, shape (1,3,imgsz,imgsz)."""
+    from ultralytics.data.augment import LetterBox
+
+    boxed = LetterBox(new_shape=(imgsz, imgsz), auto=False)(image=image)
+    x = boxed[..., ::-1].transpose(2, 0, 1)[None].astype(_np.float32) / 255.0
+    return _np.ascontiguousarray(x)
+
+
+def nms(raw: _np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300) -> list[_np.ndarray]:
+    """Ultralytics' NMS, as predict applies it, on raw head output: one (n, 6) array per image: x1 y1 x2 y2 score cls."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    out = non_max_suppression(torch.from_numpy(raw), conf, iou, max_det=max_det)
+    return [o.numpy() for o in out]
+
+
+def predict(model, images: list, conf: float, iou: float, imgsz: int | None, device: str) -> list[dict]:
+    """Run a loaded model on BGR images; per image: xyxy boxes (original pixels), scores, classes, names, plot.
+
+    rect=False letterboxes every format to the same square input, so a .pt and its
+    export see identical pixels (a .pt would otherwise get a smaller rectangle).
+    """
+    kwargs = {"conf": conf, "iou": iou, "device": device, "rect": False, "verbose": False, "save": False}
+    if imgsz:
+        kwargs["imgsz"] = imgsz
+    with _quiet_ultralytics():
+        try:
+            results = model.predict(images, **kwargs)
+        except Exception as e:
+            raise ModelError(f"prediction failed: {_first_line(e)}") from None
+    return [{"xyxy": r.boxes.xyxy.cpu().numpy(), "score": r.boxes.conf.cpu().numpy(),
+             "cls": r.boxes.cls.cpu().numpy().astype(int), "names": dict(r.names), "plot": r.plot()} for r in results]
+
+
+def save_fresh_model(model_yaml: str, path: Path) -> Path:
+    """Save an untrained model built from a YAML as a .pt, for benchmarks that need no trained weights."""
+    with _quiet_ultralytics():
+        model = YOLO(check_model(model_yaml))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(str(path))
+    return path
+
+
+# --- Batch-size sweeps (issue 5: detector sweep) ---------------------------------------------------------------
+def default_train_arg(key: str):
+    """Ultralytics' default for a training argument (lr0, optimizer, nbs, ...), as the trainer would use it."""
+    return DEFAULT_CFG_DICT.get(key)

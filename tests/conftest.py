@@ -68,6 +68,7 @@ def guarded_env(tmp_path: Path | None = None) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(NETGUARD), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if tmp_path is not None:
         env["DETECTOR_NETLOG"] = str(tmp_path / "netlog.txt")
+        env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg-config")  # where the user's own Ultralytics settings live
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
