@@ -29,6 +29,7 @@ class DatasetInfo:
     names: dict  # class id -> name
     fingerprint: str
     raw: dict = field(repr=False, default_factory=dict)
+    check: dict | None = field(repr=False, default=None)  # key figures of dataset_check, once it has run
 
     @property
     def train_images(self) -> int:
@@ -47,6 +48,7 @@ class DatasetInfo:
             "val_images": self.val_images,
             "names": {int(k): v for k, v in self.names.items()},
             "fingerprint": self.fingerprint,
+            **({"check": self.check} if self.check is not None else {}),
         }
 
     def resolved_yaml(self) -> dict:

@@ -169,3 +169,22 @@ def ensure(spec: SynthSpec, cache_root: Path, progress=None) -> Path:
     if yaml_path.exists():
         return yaml_path
     return generate(spec, out_dir, progress)
+
+
+def spec_for(train_images: int, imgsz: int, seed: int) -> SynthSpec:
+    """The spec `detector datasets synth` asks for: val gets a quarter of train, as in the defaults (400/100)."""
+    if train_images < 1:
+        raise DatasetError(f"--images must be at least 1, not {train_images}")
+    if imgsz < 32:
+        raise DatasetError(f"--imgsz must be at least 32 (the model's largest stride), not {imgsz}")
+    return SynthSpec(train_images=train_images, val_images=max(1, train_images // 4), imgsz=imgsz, seed=seed)
+
+
+def generate_into(spec: SynthSpec, out_dir: Path) -> Path:
+    """generate() into a folder the user named, refusing to replace a folder that is not a built-in dataset."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        data = out_dir / "data.yaml"
+        if not (data.is_file() and data.read_text(encoding="utf-8").startswith("# detector built-in dataset")):
+            raise DatasetError(f"{out_dir} exists and is not a built-in dataset; pass an empty or new --out")
+    return generate(spec, out_dir)
