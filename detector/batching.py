@@ -8,13 +8,18 @@ tables; measuring lives in the probe.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from detector.errors import UsageError
+from detector.errors import BatchError, UsageError
 
 DEFAULT_CANDIDATES = (16, 32, 64)
 CPU_BATCH = 16
 NBS = 64  # Ultralytics' nominal batch size: gradients accumulate to about this many images per step
+# Share of a GPU's total memory the measured peak may use. The probe measures the real
+# step, so it can aim far higher than AutoBatch's 60% extrapolation; the 15% left over
+# covers what a short probe cannot see (README, "Batch size": fragmentation over a long
+# run, cuDNN workspaces picked later, the CUDA context, a desktop or another process).
+DEFAULT_SAFETY = 0.85
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,27 @@ class PlanRow:
     images_per_step: int
     peak_gb: float | None = None
     fits: bool | None = None
+    per_device_batch: int | None = None  # several GPUs: Ultralytics gives each batch // world_size
+    train_peak_gb: float | None = None
+    val_peak_gb: float | None = None
+    allocated_peak_gb: float | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the probe measured for one per-device batch: peaks in GiB, or where it ran out of memory."""
+
+    batch: int
+    train_peak_gb: float | None = None  # training steps at `batch`
+    val_peak_gb: float | None = None  # the validation pass at 2 x batch, as Ultralytics validates
+    oom: str | None = None  # "training" or "validation" when that phase ran out of memory
+    allocated_peak_gb: float | None = None  # tensors alone, without the allocator's cache (for comparison)
+
+    @property
+    def peak_gb(self) -> float | None:
+        peaks = [p for p in (self.train_peak_gb, self.val_peak_gb) if p is not None]
+        return max(peaks) if peaks and not self.oom else None
 
 
 @dataclass(frozen=True)
@@ -38,10 +64,12 @@ class BatchDecision:
     chosen: int
     reason: str
     table: list[PlanRow] = field(default_factory=list)
+    probe: dict | None = None  # on CUDA: device, budget, labels per image, seconds the probe took
 
     def summary(self) -> dict:
-        return {"requested": self.requested, "chosen": self.chosen, "reason": self.reason,
-                "table": [asdict(r) for r in self.table]}
+        out = {"requested": self.requested, "chosen": self.chosen, "reason": self.reason,
+               "table": [asdict(r) for r in self.table]}
+        return {**out, "probe": self.probe} if self.probe is not None else out
 
 
 def parse_batch(value: str | int) -> str | int:
@@ -81,3 +109,143 @@ def decide_cpu(requested: str | int, n_images: int, candidates=DEFAULT_CANDIDATE
         return BatchDecision("auto", CPU_BATCH, f"no CUDA device: on CPU 'auto' means {CPU_BATCH} (memory is not the limit, "
                              "and larger batches only make each iteration slower)", table)
     return BatchDecision(str(requested), int(requested), "requested explicitly", [plan_row(n_images, int(requested), nbs)])
+
+
+def parse_candidates(value) -> tuple[int, ...]:
+    """'16,32,64' (or a sequence) to sorted, distinct positive batch sizes; anything else is a usage error."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = sorted({int(str(v).strip()) for v in items if str(v).strip()})
+    except ValueError:
+        out = []
+    if not out or out[0] < 1:
+        raise UsageError(f"--batch-candidates must list positive integers such as 16,32,64, not {value!r}")
+    return tuple(out)
+
+
+def check_safety(fraction: float) -> float:
+    """The --batch-safety fraction, refused outside (0, 1]."""
+    if not 0 < fraction <= 1:
+        raise UsageError(f"--batch-safety is a fraction of GPU memory in (0, 1] such as {DEFAULT_SAFETY}, not {fraction}")
+    return fraction
+
+
+def step_down(current: int, candidates) -> int | None:
+    """The next smaller candidate below the batch that ran out of memory, or None when none is left."""
+    smaller = [c for c in candidates if c < current]
+    return max(smaller) if smaller else None
+
+
+def decide_gpu(measurements, total_memory_gb: float, safety_fraction: float = DEFAULT_SAFETY,
+               candidates=DEFAULT_CANDIDATES, n_images: int = 0, nbs: int = NBS, devices: int = 1,
+               baseline_gb: float = 0.0, device_name: str = "the GPU", imgsz: int | None = None) -> BatchDecision:
+    """The largest candidate whose measured peak fits safety_fraction of the (smallest) GPU's memory.
+
+    Candidates and measurements are per GPU. With several GPUs Ultralytics takes the
+    total batch and gives each GPU `batch // world_size`, so the chosen total is
+    candidate x devices, decided against the smallest GPU. baseline_gb is memory
+    already in use on that GPU outside PyTorch's allocator (CUDA context, other
+    processes). A candidate counts only while every smaller one fits too: memory
+    grows with the batch, so a gap means the measurement cannot be trusted.
+    Raises BatchError with the figures when even the smallest does not fit.
+    """
+    check_safety(safety_fraction)
+    candidates = sorted(set(candidates))
+    budget = safety_fraction * total_memory_gb - baseline_gb
+    by_batch = {m.batch: m for m in measurements}
+    rows, blocked = [], None
+    for c in candidates:
+        row = _gpu_row(c, by_batch.get(c), budget, n_images, nbs, devices, blocked)
+        if not row.fits and blocked is None:
+            blocked = c
+        rows.append(row)
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        raise BatchError(_nothing_fits(rows[0], by_batch.get(candidates[0]), budget, safety_fraction,
+                                       total_memory_gb, device_name, imgsz))
+    best = fitting[-1]
+    m = by_batch[best.per_device_batch]
+    reason = (f"batch {best.per_device_batch}{' per GPU' if devices > 1 else ''} is the largest candidate whose "
+              f"measured peak, {best.peak_gb:.2f} GB (training {m.train_peak_gb:.2f}, validation at batch "
+              f"{2 * m.batch} {m.val_peak_gb:.2f}), fits {safety_fraction:.0%} of {device_name}'s "
+              f"{total_memory_gb:.1f} GB ({_budget_text(budget, baseline_gb)})")
+    if devices > 1:
+        reason += (f"; on {devices} GPUs Ultralytics gets batch={best.batch} and gives each GPU "
+                   f"{best.batch} // {devices} = {best.per_device_batch}")
+    return BatchDecision("auto", best.batch, reason, rows)
+
+
+def _gpu_row(c: int, m: Measurement | None, budget: float, n_images: int, nbs: int, devices: int,
+             blocked: int | None) -> PlanRow:
+    row = replace(plan_row(n_images, c * devices, nbs), per_device_batch=c)
+    if m is None:
+        return replace(row, fits=False, note="not probed: a smaller batch did not fit")
+    row = replace(row, train_peak_gb=_round(m.train_peak_gb), val_peak_gb=_round(m.val_peak_gb),
+                  peak_gb=_round(m.peak_gb), allocated_peak_gb=_round(m.allocated_peak_gb))
+    if m.oom:
+        at = f" at batch {2 * c}" if m.oom == "validation" else ""
+        return replace(row, fits=False, note=f"out of memory in {m.oom}{at}")
+    if m.peak_gb is None or m.peak_gb > budget:
+        return replace(row, fits=False, note=f"over the {budget:.2f} GB budget")
+    if blocked is not None:
+        return replace(row, fits=False, note=f"ignored: the smaller batch {blocked} did not fit")
+    return replace(row, fits=True)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def _budget_text(budget: float, baseline_gb: float) -> str:
+    return f"budget {budget:.2f} GB" + (f" after {baseline_gb:.2f} GB already in use" if baseline_gb else "")
+
+
+def _nothing_fits(row: PlanRow, m: Measurement | None, budget: float, safety: float, total: float,
+                  device_name: str, imgsz: int | None) -> str:
+    c = row.per_device_batch
+    if m is not None and m.oom:
+        found = (f"ran out of memory in {m.oom}" + (f" (validation runs at batch {2 * c})" if m.oom == "validation"
+                                                     else "") + f" on its {total:.1f} GB")
+    elif m is not None and m.peak_gb is not None:
+        found = (f"needs {m.peak_gb:.2f} GB (training {m.train_peak_gb:.2f}, validation at batch {2 * c} "
+                 f"{m.val_peak_gb:.2f}) but {safety:.0%} of its {total:.1f} GB allows {budget:.2f} GB")
+    else:
+        found = "was not measured"
+    lower = f"a lower --imgsz than {imgsz}" if imgsz else "a lower --imgsz"
+    return (f"no batch size fits on {device_name}: even the smallest candidate, {c}, {found}; use {lower}, "
+            f"a smaller --model (yolo11n.yaml), or an explicit smaller batch such as --batch {max(c // 2, 1)}")
+
+
+def explain(n_images: int, nbs: int = NBS) -> str:
+    """The batch / iteration / epoch / optimizer-step arithmetic in one paragraph, for the user's own data."""
+    import textwrap
+
+    text = (f"A batch is the images of one forward and backward pass, and an iteration processes one batch; an "
+            f"epoch is one pass over the {n_images} training images, so it takes ceil({n_images} / batch) "
+            f"iterations. Ultralytics accumulates gradients over round({nbs} / batch) iterations (at least 1) "
+            f"before each optimizer step (nbs={nbs}), so each weight update sees about max({nbs}, batch) images "
+            f"whatever the batch; what the batch changes is memory, speed and the BatchNorm statistics (warmup "
+            f"adds a few extra steps in the first epochs).")
+    return textwrap.fill(text, width=100)
+
+
+def table_text(decision: BatchDecision) -> str:
+    """The decision table as aligned text, the chosen row marked with '*'."""
+    multi = any(r.per_device_batch not in (None, r.batch) for r in decision.table)
+    head = ["", "batch"] + (["per GPU"] if multi else []) + ["train GB", "val GB (2x)", "peak GB", "fits",
+                                                            "it/epoch", "accumulate", "steps/epoch", "img/step", ""]
+    lines = [head]
+    for r in decision.table:
+        cells = ["*" if r.batch == decision.chosen else "", str(r.batch)]
+        cells += [str(r.per_device_batch)] if multi else []
+        cells += [_gb(r.train_peak_gb), _gb(r.val_peak_gb), _gb(r.peak_gb),
+                  "-" if r.fits is None else ("yes" if r.fits else "no"), str(r.iterations_per_epoch),
+                  str(r.accumulate), str(r.optimizer_steps_per_epoch), str(r.images_per_step), r.note or ""]
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) if i < len(head) - 1 else cell for i, (cell, w) in
+                               enumerate(zip(row, widths))).rstrip() for row in lines)
+
+
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"

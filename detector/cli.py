@@ -89,9 +89,14 @@ def main():
 @click.option("--augment", default=None, metavar="FILE|PRESET",
               help="Albumentations pipeline (a file A.save wrote, YAML or JSON) or preset: none, ultralytics, "
                    "light, heavy. Default: Ultralytics' own set (the 'ultralytics' preset).")
+@click.option("--batch-candidates", default="16,32,64", show_default=True,
+              help="Batch sizes --batch auto chooses from on a GPU, and steps down through after out-of-memory.")
+@click.option("--batch-safety", type=float, default=0.85, show_default=True,
+              help="Share of GPU memory the measured peak of --batch auto may use (see 'detector batch --help').")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @_report_errors
-def train(data, model, epochs, imgsz, batch, device, workers, seed, name, project, resume, augment, overrides):
+def train(data, model, epochs, imgsz, batch, device, workers, seed, name, project, resume, augment, batch_candidates,
+          batch_safety, overrides):
     """Train a detector and record every iteration and epoch under PROJECT/NAME.
 
     Any other Ultralytics training argument can follow as KEY=VALUE
@@ -103,6 +108,7 @@ def train(data, model, epochs, imgsz, batch, device, workers, seed, name, projec
         detector train --data ../shared/data/coco128/coco128.yaml --model yolo11n.yaml \\
             --epochs 3 --imgsz 320 --batch 16 --name c128
         detector train --resume runs/c128                # continue after Ctrl-C
+        detector train --augment my_pipeline.yaml        # an A.save'd Albumentations pipeline, or: light, heavy
 
     Writes runs/NAME/run.json, iterations.csv, epochs.csv and weights/best.pt.
     """
@@ -112,6 +118,7 @@ def train(data, model, epochs, imgsz, batch, device, workers, seed, name, projec
         data=data, model=model, epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
         seed=seed, name=name, project=project, resume=resume, overrides=training.parse_overrides(overrides),
         augment=augment, command=tuple(_command_line()),
+        batch_candidates=_candidates(batch_candidates), batch_safety=batch_safety,
     )
     run_dir = training.run(config, echo=click.echo)
     click.echo(f"Results: {run_dir}/run.json, iterations.csv, epochs.csv, weights/best.pt")
@@ -233,6 +240,279 @@ def datasets_synth(images, imgsz, seed, out):
     spec = synth.spec_for(images, imgsz, seed)
     data_yaml = synth.ensure(spec, runtime.datasets_cache()) if out is None else synth.generate_into(spec, out)
     click.echo(f"{spec.train_images} train + {spec.val_images} val images at {imgsz} px: {data_yaml}")
+
+
+# ---- augment: Albumentations pipelines, check and preview (issue 4) ----
+
+@main.group()
+def augment():
+    """Check Albumentations pipelines and preview the batches training will see.
+
+    \b
+    Examples:
+        detector augment check my_pipeline.yaml --imgsz 640
+        detector augment preview --augment heavy --seed 1 --out grid.jpg
+    """
+
+
+@augment.command("check")
+@click.argument("pipeline", metavar="FILE|PRESET")
+@click.option("--imgsz", type=int, default=640, show_default=True, help="Training image size to check against.")
+@_report_errors
+def augment_check(pipeline, imgsz):
+    """Validate a pipeline (a file A.save wrote, or a preset) exactly as 'detector train --augment' does.
+
+    \b
+    Example:
+        detector augment check my_pipeline.yaml --imgsz 640
+    """
+    from detector import augment as aug
+
+    click.echo(f"ok: {aug.resolve(pipeline, imgsz).describe()}")
+
+
+@augment.command("preview")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="YOLO data YAML. Default: the built-in dataset, with train's demo settings.")
+@click.option("--augment", "pipeline", default=None, metavar="FILE|PRESET",
+              help="Pipeline file (A.save, YAML or JSON) or preset: none, ultralytics, light, heavy. "
+                   "Default: Ultralytics' own set.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Images in the batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed draws the same batch.")
+@click.option("--imgsz", type=int, default=None, help="Training image size. Default 640; 128 on the built-in dataset.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Image file to write (.jpg or .png).")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@_report_errors
+def augment_preview(data, pipeline, batch, seed, imgsz, out, overrides):
+    """Draw one augmented training batch, exactly as the trainer's loader yields it, as a grid.
+
+    Mosaic, perspective, the Albumentations pipeline, HSV and flips all apply,
+    with the same Ultralytics arguments training takes as KEY=VALUE (mosaic=0 ...).
+    Boxes are drawn with their class names.
+
+    \b
+    Examples:
+        detector augment preview --augment light --out grid.jpg
+        detector augment preview --data ../shared/data/coco128/coco128.yaml --augment my_pipeline.yaml \\
+            --batch 16 --seed 3 --imgsz 640 --out grid.jpg
+
+    Writes OUT: a grid of BATCH tiles of IMGSZ x IMGSZ pixels.
+    """
+    from detector import preview as pv
+    from detector import train as training
+
+    req = pv.PreviewRequest(out=out, data=data, augment=pipeline, batch=batch, seed=seed, imgsz=imgsz,
+                            overrides=training.parse_overrides(overrides))
+    shown = pv.preview(req)
+    click.echo(f"{shown['pipeline']}")
+    click.echo(f"wrote {shown['out']}: {shown['images']} images, {shown['boxes']} boxes, "
+               f"{shown['width']}x{shown['height']} px")
+
+
+# ---- compare and sweep: batch-size comparison reports (issue 5) ----
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_DIR...")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for report.html, report.md and plots/. Default: the folder that holds the runs.")
+@_report_errors
+def compare(run_dirs, out):
+    """Compare finished or running runs side by side: table, plots, and what kind of comparison it is.
+
+    A sweep folder stands for all the runs inside it. Reads only the run
+    folders; runs still training or stopped early are shown as far as they got.
+
+    \b
+    Examples:
+        detector compare runs/b16 runs/b32 runs/b64 --out runs/compare
+        detector compare runs/sweep-b16-32-64
+
+    Writes OUT/report.html (one self-contained file), OUT/report.md and OUT/plots/*.png.
+    """
+    from detector import report
+
+    html = report.compare(run_dirs, out if out is not None else report.default_out(run_dirs))
+    click.echo(f"Report: {html} (Markdown: {html.with_name(report.REPORT_MD)}, plots in {html.parent / 'plots'})")
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--batch", "batches", required=True, help="Batch sizes to compare, comma-separated, e.g. 16,32,64.")
+@click.option("--seeds", default="0", show_default=True, help="Seeds per batch size, comma-separated, e.g. 0,1,2.")
+@click.option("--semantics", type=click.Choice(["accumulate", "true"]), default="accumulate", show_default=True,
+              help="accumulate: Ultralytics' nbs accumulation, each weight update sees nbs (64) images. "
+                   "true: nbs = batch, every iteration is a weight update and lr0 follows the batch.")
+@click.option("--lr-scaling", type=click.Choice(["linear", "sqrt", "none"]), default=None,
+              help="With --semantics true: lr0 x batch/64 (linear), x sqrt(batch/64) (sqrt) or unchanged. "
+                   "Default: linear for SGD, sqrt for Adam-type optimizers.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="YOLO data YAML. Default: the built-in dataset.")
+@click.option("--model", default="yolo11n.yaml", show_default=True, help="Model YAML or local .pt.")
+@click.option("--epochs", type=int, default=None, help="Epochs per run. Default 100; 20 on the built-in dataset.")
+@click.option("--imgsz", type=int, default=None, help="Image size. Default 640; 128 on the built-in dataset.")
+@click.option("--device", default=None, help="cpu or 0. Default: GPU 0 if present, else CPU.")
+@click.option("--workers", type=int, default=8, show_default=True, help="Data loader worker processes.")
+@click.option("--augment", default=None, metavar="FILE|PRESET", help="Albumentations pipeline, as for 'detector train'.")
+@click.option("--name", default=None, help="Sweep folder name. Default: sweep-b<batches> (so a re-run continues it).")
+@click.option("--project", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder that holds the sweep folder.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@_report_errors
+def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, device, workers, augment, name, project,
+          overrides):
+    """Train one run per batch size and seed in one folder, then write the comparison there.
+
+    Runs are PROJECT/NAME/b<batch>-s<seed>. Running the same command again
+    skips completed runs and resumes unfinished ones.
+
+    \b
+    Examples:
+        detector sweep --batch 16,32,64 --epochs 10           # built-in dataset
+        detector sweep --batch 16,32,64 --seeds 0,1,2 --semantics true optimizer=SGD \\
+            --data data.yaml --epochs 50 --name bs-true
+
+    Writes PROJECT/NAME/sweep.json, one run folder per batch and seed, report.html, report.md and plots/.
+    """
+    from detector import sweep as sweeping
+    from detector import train as training
+
+    template = training.TrainConfig(
+        data=data, model=model, epochs=epochs, imgsz=imgsz, device=device, workers=workers, project=project,
+        overrides=training.parse_overrides(overrides), augment=augment, command=tuple(_command_line()),
+    )
+    config = sweeping.SweepConfig(
+        batches=sweeping.parse_ints(batches, "--batch", minimum=1), seeds=sweeping.parse_ints(seeds, "--seeds"),
+        template=template, name=name, semantics=semantics, lr_scaling=lr_scaling,
+    )
+    html = sweeping.run(config, echo=click.echo)
+    click.echo(f"Report: {html} (Markdown: {html.with_name('report.md')})")
+
+
+@main.command(name="export")
+@click.argument("source", type=click.Path(path_type=Path), metavar="RUN_DIR|WEIGHTS.pt")
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="Ultralytics export format: onnx, torchscript, openvino, engine, coreml, ... "
+                   "(formats other than onnx/torchscript need their own package installed).")
+@click.option("--imgsz", type=int, default=None, help="Input size, a multiple of 32. Default: the training size.")
+@click.option("--half", is_flag=True, help="FP16 weights (ONNX on CPU: converted with onnxruntime's float16 tool).")
+@click.option("--dynamic", is_flag=True, help="Dynamic batch and image size (ONNX, TorchScript, OpenVINO, ...).")
+@click.option("--simplify/--no-simplify", default=True, show_default=True, help="Slim the ONNX graph with onnxslim.")
+@click.option("--opset", type=int, default=None, help="ONNX opset. Default: the newest the installed onnx/torch support.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for the exported model and export.json. Default: beside the .pt.")
+@click.option("--images", default=None, metavar="SOURCE",
+              help="Images for the parity check (image, folder or glob). Default: the run's val set.")
+@click.option("--parity-images", type=int, default=8, show_default=True, help="How many images the parity check uses.")
+@click.option("--conf", type=float, default=0.001, show_default=True,
+              help="Parity check: every box at or above this score must be found by both models. Low by default "
+                   "so that an early model still has boxes to compare.")
+@_report_errors
+def export_cmd(source, fmt, imgsz, half, dynamic, simplify, opset, out, images, parity_images, conf):
+    """Export trained weights for inference and prove the export detects the same boxes.
+
+    After exporting, the first images of the run's val set go through the .pt and
+    the export; the command fails (exit 1) unless every box above --conf has a
+    counterpart of the same class with IoU >= 0.9. Nothing is downloaded or
+    pip-installed: a format whose package is missing says what to install.
+
+    \b
+    Examples:
+        detector export runs/shapes                      # runs/shapes/weights/best.onnx + export.json
+        detector export runs/shapes/weights/best.pt --format torchscript --imgsz 320
+        detector export runs/shapes --dynamic --half --out deploy/
+
+    Writes the exported model and export.json (format, imgsz, opset, file size,
+    parity figures, latency) beside it.
+    """
+    from detector import export as exporting
+
+    config = exporting.ExportConfig(
+        source=source, format=fmt.lower(), imgsz=imgsz, half=half, dynamic=dynamic, simplify=simplify, opset=opset,
+        out=out, images=images, parity_images=parity_images, conf=conf,
+    )
+    exported = exporting.run(config, echo=click.echo)
+    click.echo(f"Exported: {exported} (figures in {exported.parent / 'export.json'})")
+
+
+@main.command()
+@click.argument("weights", type=click.Path(path_type=Path), metavar="WEIGHTS")
+@click.argument("source", metavar="SOURCE")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder. Default: predictions/<date>-<time>.")
+@click.option("--conf", type=float, default=0.25, show_default=True, help="Keep boxes scoring at least this.")
+@click.option("--iou", type=float, default=0.7, show_default=True, help="NMS IoU threshold.")
+@click.option("--imgsz", type=int, default=None, help="Input size. Default: the model's (training or export size).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or 0 for the first GPU.")
+@click.option("--no-images", is_flag=True, help="Write only predictions.json and .csv, no annotated images.")
+@_report_errors
+def predict(weights, source, out, conf, iou, imgsz, device, no_images):
+    """Detect objects in images with a .pt or an exported model (ONNX, TorchScript, ...).
+
+    SOURCE is an image, a folder (searched recursively) or a quoted glob.
+    WEIGHTS is a .pt, an exported model or a run folder (its weights/best.pt).
+
+    \b
+    Examples:
+        detector predict runs/shapes/weights/best.onnx photos/ --out preds
+        detector predict runs/shapes 'photos/**/*.jpg' --conf 0.5
+
+    Writes OUT/predictions.json (COCO results: file_name, category_id,
+    category_name, bbox [x, y, w, h] in pixels, score), OUT/predictions.csv and
+    OUT/images/ (annotated copies).
+    """
+    from detector import predict as predicting
+
+    config = predicting.PredictConfig(weights=weights, source=source, out=out, conf=conf, iou=iou, imgsz=imgsz,
+                                      device=device, save_images=not no_images)
+    predicting.run(config, echo=click.echo)
+
+
+# ---- batch: the --batch auto decision as a dry run (issue 3) ----
+
+def _candidates(text: str) -> tuple:
+    """--batch-candidates as sorted distinct batch sizes (a UsageError for anything else)."""
+    from detector import batching
+
+    return batching.parse_candidates(text)
+
+
+@main.command(name="batch", context_settings={"ignore_unknown_options": False})
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="YOLO data YAML. Default: the built-in shapes dataset, as for train.")
+@click.option("--model", default="yolo11n.yaml", show_default=True, help="Model YAML name or a local .pt file.")
+@click.option("--imgsz", type=int, default=None, help="Training image size. Default 640; 128 on the built-in dataset.")
+@click.option("--device", default=None, help="cpu, 0, or 0,1 for two GPUs. Default: GPU 0 if present, else CPU.")
+@click.option("--batch-candidates", default="16,32,64", show_default=True, help="Batch sizes to choose from.")
+@click.option("--batch-safety", type=float, default=0.85, show_default=True,
+              help="Share of the GPU's total memory the measured peak may use.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@_report_errors
+def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, overrides):
+    """Show which batch `detector train --batch auto` would use, and what each candidate means (no training).
+
+    On a GPU it builds the real model at the real image size and measures the
+    peak memory of real training steps (with the dataset's densest image's boxes
+    x4 for mosaic) and of the validation pass at twice the batch, for each
+    candidate from the smallest up, stopping at the first that does not fit; it
+    picks the largest whose peak fits --batch-safety of the GPU's memory. With
+    --device 0,1 each GPU gets the candidate and Ultralytics the total.
+    On CPU 'auto' means 16 and nothing is probed. Either way it prints, per
+    candidate, iterations per epoch ceil(N/B) and optimizer steps per epoch under
+    Ultralytics' gradient accumulation (nbs=64 unless given as KEY=VALUE, e.g. nbs=16).
+
+    \b
+    Examples:
+        detector batch                                   # the built-in dataset
+        detector batch --data ../shared/data/coco128/coco128.yaml --imgsz 640 --model yolo11s.yaml
+        detector batch --data data.yaml --device 0,1 --batch-candidates 8,16,32 mosaic=0
+
+    Writes no run folder; `detector train` records the same table in run.json's `batch`.
+    """
+    from detector import autobatch
+    from detector import train as training
+
+    config = training.TrainConfig(data=data, model=model, imgsz=imgsz, device=device,
+                                  overrides=training.parse_overrides(overrides),
+                                  batch_candidates=_candidates(batch_candidates), batch_safety=batch_safety)
+    autobatch.dry_run(config, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

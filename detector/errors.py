@@ -42,7 +42,21 @@ class ExportError(DetectorError):
     """An export that failed, or whose outputs do not match the PyTorch model."""
 
 
+class ImageError(DetectorError):
+    """An image that cannot be read, or an image source (folder, glob) that holds no images."""
+
+
 class TrainingInterrupted(DetectorError):
     """Training was stopped by Ctrl-C or SIGTERM; the run folder says how far it got."""
 
     exit_code = 130
+
+
+class DeviceOutOfMemory(BatchError):
+    """The device ran out of memory during training; carries where, so training can step down and resume."""
+
+    def __init__(self, message: str, *, batch: int, epoch: int | None, iteration: int | None,
+                 epoch_iteration: int | None, phase: str):
+        super().__init__(message)
+        self.batch, self.epoch, self.iteration = batch, epoch, iteration
+        self.epoch_iteration, self.phase = epoch_iteration, phase

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from detector import batching, datasets, runtime, synth
+from detector import autobatch, batching, datasets, runtime, stepdown, synth
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.recorder import Recorder
 
@@ -49,6 +49,7 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)  # other Ultralytics training arguments
     augment: str | None = None  # Albumentations pipeline: preset name or A.save file; None: Ultralytics' default
     batch_candidates: tuple = batching.DEFAULT_CANDIDATES
+    batch_safety: float = batching.DEFAULT_SAFETY  # share of GPU memory the measured peak may use
     command: tuple = ()
     sweep: dict | None = None  # set by `detector sweep`: its name, semantics and lr rule, recorded in run.json config
 
@@ -197,7 +198,7 @@ def run(config: TrainConfig, echo=print) -> Path:
     decision = _decide_batch(config, requested, data, device)
     run_dir = _make_run_dir(config.project, config.name)
     data_yaml = data.write_resolved(run_dir / "data.yaml")
-    echo(f"batch {decision.chosen}: {decision.reason}")
+    echo(autobatch.describe(decision))
     echo(f"augmentations {pipeline.describe()}")
     ul_args = {
         **config.overrides,
@@ -218,14 +219,14 @@ def run(config: TrainConfig, echo=print) -> Path:
         "events": [],
     })
     started = time.time()
-    _supervise(recorder, run_dir, lambda: yolo.train(ul_args))
+    _supervise(recorder, run_dir, lambda: stepdown.train(ul_args, run_dir, recorder, config.batch_candidates, echo))
     echo(f"run {run_dir} completed in {time.time() - started:.0f} s")
     return run_dir
 
 
 def _decide_batch(config: TrainConfig, requested, data, device) -> batching.BatchDecision:
-    nbs = int(config.overrides.get("nbs", batching.NBS))
-    return batching.decide_cpu(requested, data.train_images, config.batch_candidates, nbs)
+    """Explicit as given; 'auto' is 16 on CPU and measured by the probe on CUDA (detector/autobatch.py)."""
+    return autobatch.decide(config, data, device)
 
 
 def resume(config: TrainConfig, echo=print) -> Path:
@@ -247,10 +248,13 @@ def resume(config: TrainConfig, echo=print) -> Path:
     ul_args = {}
     if config.device is not None:
         ul_args["device"] = config.device
-    recorder.update(status="running", finished=None, error=None, resumed=[*state.get("resumed", []),
-                    {"command": list(config.command) or sys.argv}])
+    if batching.parse_batch(config.batch) != "auto":  # e.g. after an out-of-memory error no candidate survived
+        ul_args["batch"] = int(config.batch)
+    recorder.update(status="running", finished=None, error=None, pid=os.getpid(),
+                    resumed=[*state.get("resumed", []), {"command": list(config.command) or sys.argv}])
     echo(f"resuming {run_dir} from {last}")
-    _supervise(recorder, run_dir, lambda: yolo.resume(last, ul_args))
+    candidates = (state.get("config") or {}).get("batch_candidates") or batching.DEFAULT_CANDIDATES
+    _supervise(recorder, run_dir, lambda: stepdown.resume(last, ul_args, run_dir, recorder, candidates, echo))
     return run_dir
 
 

@@ -71,17 +71,16 @@ def check_model(model: str) -> str:
         return str(p.resolve())
     if p.suffix not in {".yaml", ".yml"}:
         raise ModelError(f"unknown model {model!r}; {hint}")
-    if p.is_file():
-        spec = str(p.resolve())
-    else:
-        try:
-            yaml_model_load(model)  # looks inside the installed ultralytics/cfg/models only
-        except (FileNotFoundError, OSError):
-            raise ModelError(f"unknown model {model!r}: no such local file or built-in YAML; {hint}") from None
-        spec = model
+    spec = str(p.resolve()) if p.is_file() else model
     try:
-        task = guess_model_task(spec)
-    except Exception:  # an unreadable YAML
+        cfg = yaml_model_load(spec)  # a local file, or a name inside the installed ultralytics/cfg/models
+    except (FileNotFoundError, OSError):
+        raise ModelError(f"unknown model {model!r}: no such local file or built-in YAML; {hint}") from None
+    except Exception:  # not YAML at all
+        raise ModelError(f"model YAML {model} cannot be read as an Ultralytics model definition") from None
+    try:
+        task = guess_model_task(cfg)  # from the head module, not the file name
+    except Exception:
         raise ModelError(f"model YAML {model} cannot be read as an Ultralytics model definition") from None
     if task != "detect":
         raise ModelError(f"model {model} is a {task} model; detector trains detection models (e.g. yolo11n.yaml)")
@@ -270,6 +269,7 @@ class RecordingTrainer(DetectionTrainer):
         batch = super().preprocess_batch(batch)
         if self.tap:
             self.tap.batch_size = int(batch["img"].shape[0])
+            fake_device_memory(self.tap.batch_size, self.epoch + 1, self.tap._epoch_rows + 1)  # tests only
         return batch
 
     def optimizer_step(self):
@@ -280,6 +280,7 @@ class RecordingTrainer(DetectionTrainer):
     def validate(self):
         if self.tap:
             self.tap.validated = True
+            fake_device_memory(2 * self.batch_size, self.epoch + 1, _AFTER_LAST_ITERATION, validation=True)
         return super().validate()
 
     def final_eval(self):
@@ -293,17 +294,17 @@ class RecordingTrainer(DetectionTrainer):
 
 
 def train(overrides: dict, trainer: type = RecordingTrainer) -> dict:
-    """Train with the record attached; return what the trainer ended with."""
-    model = YOLO(overrides["model"])
-    model.train(trainer=trainer, **overrides)
-    return _outcome(model.trainer)
+    """Train with the record attached; return what the trainer ended with.
+
+    A device out-of-memory error that escapes Ultralytics is raised as DeviceOutOfMemory
+    (see _fit), so the caller can step the batch down and resume.
+    """
+    return _fit(overrides["model"], trainer=trainer, **overrides)
 
 
 def resume(last_pt: Path, overrides: dict) -> dict:
     """Continue a run from its last.pt, appending to the same record."""
-    model = YOLO(str(last_pt))
-    model.train(trainer=RecordingTrainer, resume=str(last_pt), **overrides)
-    return _outcome(model.trainer)
+    return _fit(str(last_pt), trainer=RecordingTrainer, resume=str(last_pt), **overrides)
 
 
 def _outcome(trainer) -> dict:
@@ -320,28 +321,47 @@ def default_albumentations() -> list[dict]:
     return [A.to_dict(t) for t in Albumentations(p=1.0, transforms=None).transform.transforms]
 
 
-def augment_sample(transforms: list[dict], image, boxes_xyxy, cls, seed: int = 0):
-    """Run Ultralytics' Albumentations step on one image with pixel xyxy boxes; return (image, boxes_xyxy, cls)."""
+def albumentations_step(transforms: list[dict] | None):
+    """Ultralytics' Albumentations step for a pipeline, as fn(image, boxes_xyxy, cls) -> (image, boxes_xyxy, cls).
+
+    None if Ultralytics cannot build it (it then trains without it, logging why).
+    """
     import numpy as np
     from ultralytics.data.augment import Albumentations
     from ultralytics.utils.instance import Instances
 
-    step = Albumentations(p=1.0, transforms=list(transforms))
+    import warnings
+
+    with warnings.catch_warnings():  # A.from_dict warns about fields some classes' own to_dict writes (SafeRotate)
+        warnings.simplefilter("ignore", UserWarning)
+        step = Albumentations(p=1.0, transforms=None if transforms is None else list(transforms))
     if step.transform is None:
         return None
+
+    def apply(image, boxes_xyxy, cls):
+        labels = {
+            "img": image, "cls": np.asarray(cls, dtype=np.float32).reshape(-1, 1),
+            "instances": Instances(bboxes=np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4),
+                                   segments=np.zeros((0, 1000, 2), dtype=np.float32), bbox_format="xyxy",
+                                   normalized=False),
+        }
+        out = step(labels)
+        h, w = out["img"].shape[:2]
+        inst = out["instances"]
+        inst.convert_bbox("xyxy")
+        inst.denormalize(w, h)
+        return out["img"], inst.bboxes.copy(), out["cls"].reshape(-1)
+
+    return apply
+
+
+def augment_sample(transforms: list[dict], image, boxes_xyxy, cls, seed: int = 0):
+    """Run Ultralytics' Albumentations step on one image with pixel xyxy boxes; return (image, boxes_xyxy, cls)."""
+    step = albumentations_step(transforms)
+    if step is None:
+        return None
     torch.manual_seed(seed)  # the step seeds Albumentations' own RNG from torch.initial_seed()
-    labels = {
-        "img": image, "cls": np.asarray(cls, dtype=np.float32).reshape(-1, 1),
-        "instances": Instances(bboxes=np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4),
-                               segments=np.zeros((0, 1000, 2), dtype=np.float32), bbox_format="xyxy",
-                               normalized=False),
-    }
-    out = step(labels)
-    h, w = out["img"].shape[:2]
-    inst = out["instances"]
-    inst.convert_bbox("xyxy")
-    inst.denormalize(w, h)
-    return out["img"], inst.bboxes.copy(), out["cls"].reshape(-1)
+    return step(image, boxes_xyxy, cls)
 
 
 def check_augmentations(transforms: list[dict], imgsz: int, source: str) -> None:
@@ -435,8 +455,12 @@ def export_formats() -> dict[str, str]:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, without colour codes or Ultralytics' 'ERROR ❌' prefix."""
     text = str(e).strip().splitlines()
-    return re.sub(r"\x1b\[[0-9;]*m", "", text[0]) if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = re.sub(r"\x1b\[[0-9;]*m", "", text[0])
+    return re.sub(r"^(ERROR|WARNING)\s+[^\w\s]*\s*", "", line).rstrip(".")
 
 
 def load_model(weights: Path):
@@ -511,8 +535,9 @@ def _no_installs(fmt: str):
             return True
         missing = _not_installed(requirements)
         if missing:
+            specs = " ".join(repr(m) for m in missing)
             raise ExportError(f"export format '{fmt}' needs {', '.join(missing)}, which is not installed and is "
-                              f"never installed automatically; install it with: pip install {' '.join(repr(m) for m in missing)}")
+                              f"never installed automatically; install it with: pip install {specs}")
         return False  # installed, only older than Ultralytics asks for: let the export try
 
     patched = [m for name, m in list(sys.modules.items())
@@ -575,7 +600,10 @@ def backend_forward(path: Path):
     """A function running any exported model through Ultralytics' AutoBackend on the CPU, raw output out."""
     from ultralytics.nn.autobackend import AutoBackend
 
-    with _quiet_ultralytics():
+    import warnings
+
+    with _quiet_ultralytics(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice, for TorchScript
         try:
             backend = AutoBackend(str(path), device=torch.device("cpu"), fp16=False, verbose=False)
         except Exception as e:
@@ -605,7 +633,7 @@ def letterbox(image: _np.ndarray, imgsz: int) -> _np.ndarray:
 
 
 def nms(raw: _np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300) -> list[_np.ndarray]:
-    """Ultralytics' NMS, as predict applies it, on raw head output: one (n, 6) array per image: x1 y1 x2 y2 score cls."""
+    """Ultralytics' NMS as predict applies it, on raw head output: per image an (n, 6) array x1 y1 x2 y2 score cls."""
     from ultralytics.utils.nms import non_max_suppression
 
     out = non_max_suppression(torch.from_numpy(raw), conf, iou, max_det=max_det)
@@ -625,7 +653,7 @@ def predict(model, images: list, conf: float, iou: float, imgsz: int | None, dev
         try:
             results = model.predict(images, **kwargs)
         except Exception as e:
-            raise ModelError(f"prediction failed: {_first_line(e)}") from None
+            raise ModelError(f"cannot run the model: {_first_line(e)}") from None
     return [{"xyxy": r.boxes.xyxy.cpu().numpy(), "score": r.boxes.conf.cpu().numpy(),
              "cls": r.boxes.cls.cpu().numpy().astype(int), "names": dict(r.names), "plot": r.plot()} for r in results]
 
@@ -643,3 +671,250 @@ def save_fresh_model(model_yaml: str, path: Path) -> Path:
 def default_train_arg(key: str):
     """Ultralytics' default for a training argument (lr0, optimizer, nbs, ...), as the trainer would use it."""
     return DEFAULT_CFG_DICT.get(key)
+
+
+# -- Batch size (issue 3: --batch auto, the memory probe, out-of-memory step-down) --------------------------------
+
+FAKE_OOM_ENV = "DETECTOR_FAKE_OOM"
+_AFTER_LAST_ITERATION = 10**9  # the fake's position of an epoch's validation pass: after every iteration
+# What PyTorch 2.x raises when its caching allocator cannot serve a request on a full GPU.
+_REAL_OOM_TEXT = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 15.77 GiB of which "
+                  "1.06 MiB is free. Including non-PyTorch memory, this process has 15.76 GiB memory in use. Of the "
+                  "allocated memory 14.90 GiB is allocated by PyTorch, and 101.23 MiB is reserved by PyTorch but "
+                  "unallocated. If reserved but unallocated memory is large try setting "
+                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
+                  "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
+# The texts Ultralytics' own first-epoch halving treats as running out of device memory.
+_MEMORY_ERRORS = ("out of memory", "cublas_status_alloc_failed")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for PyTorch's device out-of-memory errors (torch.OutOfMemoryError or its RuntimeError text)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(s in str(error).lower() for s in _MEMORY_ERRORS))
+
+
+def fake_device_memory(images: int, epoch: int | None = None, epoch_iteration: int | None = None,
+                       validation: bool = False) -> None:
+    """Tests only: act as a GPU too small for more than N images per pass, when DETECTOR_FAKE_OOM says so.
+
+    This machine has no GPU, so the test suite fakes the one piece of hardware behaviour the
+    step-down depends on. DETECTOR_FAKE_OOM="above=8[,val_above=16][,epoch=2[,iteration=2]]": from
+    that epoch and iteration of it on (the probe counts as before epoch 1, an epoch's validation
+    as after its last iteration), every training pass over more than 8 images, and every
+    validation pass over more than val_above (default: above), raises PyTorch's real
+    out-of-memory error. Unset, this does nothing.
+    """
+    import os
+
+    spec = os.environ.get(FAKE_OOM_ENV)
+    if not spec:
+        return
+    cfg = {k.strip(): int(v) for k, _, v in (kv.partition("=") for kv in spec.split(",") if kv.strip())}
+    if images <= cfg["val_above" if validation and "val_above" in cfg else "above"]:
+        return
+    if "epoch" in cfg and (epoch is None or (epoch, epoch_iteration or 1) < (cfg["epoch"], cfg.get("iteration", 1))):
+        return
+    raise torch.OutOfMemoryError(_REAL_OOM_TEXT)
+
+
+def release_device_memory() -> None:
+    """Collect garbage and hand cached CUDA blocks back, after an out-of-memory error or a probe."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fit(spec: str, **train_args) -> dict:
+    """YOLO(spec).train(**train_args); an out-of-memory error leaves as DeviceOutOfMemory, memory freed first."""
+    from detector.errors import DeviceOutOfMemory
+
+    model = YOLO(spec)
+    try:
+        model.train(**train_args)
+        return _outcome(model.trainer)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        where = _oom_position(model.trainer)
+        detail = (str(e).strip().splitlines() or ["out of memory"])[0][:160]
+    # Out here the traceback and its frames, which hold the trainer's tensors, are gone; drop the
+    # trainer too, so the next attempt starts on an empty device.
+    model = None
+    release_device_memory()
+    at = f"epoch {where['epoch']}, {where['phase']}" if where["epoch"] else where["phase"]
+    raise DeviceOutOfMemory(f"out of memory at batch {where['batch']} ({at}): {detail}", **where)
+
+
+def _oom_position(trainer) -> dict:
+    """Where training stood when it ran out of memory: batch, 1-based epoch and global iteration, phase."""
+    tap = getattr(trainer, "tap", None)
+    batch = int(getattr(trainer, "batch_size", 0) or 0)
+    if tap is None or tap.epoch is None:
+        return {"batch": batch, "epoch": None, "iteration": None, "epoch_iteration": None, "phase": "setup"}
+    tap.rec.close()
+    phase = "final validation" if tap.in_final else "validation" if tap.validated else "training"
+    step = 1 if phase == "training" else 0  # in training, the iteration that failed is the next one
+    return {"batch": batch, "epoch": tap.epoch, "iteration": tap.iteration + step,
+            "epoch_iteration": tap._epoch_rows + step if step else None, "phase": phase}
+
+
+def cuda_devices(device: str | None) -> list[dict]:
+    """Index, name, total memory and memory already in use (CUDA context, other processes) per GPU named."""
+    ids = [int(x) for x in str(device or "0").replace("cuda:", "").split(",") if x.strip()]
+    out = []
+    for i in ids:
+        free, total = torch.cuda.mem_get_info(i)  # creates the context, so its memory is counted below
+        outside = max(total - free - torch.cuda.memory_reserved(i), 0)
+        out.append({"index": i, "name": torch.cuda.get_device_name(i), "total_memory_gb": total / 2**30,
+                    "baseline_gb": outside / 2**30})
+    return out
+
+
+def probe_batch_memory(model_spec: str, nc: int, imgsz: int, candidates, device_index: int = 0,
+                       train_labels: int = 1, val_labels: int = 1, amp=True, stop_above_gb: float | None = None):
+    """Peak CUDA memory of real training steps and of a validation pass, per candidate batch (CUDA only).
+
+    Candidates run in ascending order and the probe stops at the first out-of-memory error, or
+    once a peak exceeds stop_above_gb (memory grows with the batch, so larger ones cannot fit),
+    so a candidate that does not fit costs one failed step. The model is built here and thrown
+    away; the training that follows builds its own. Returns batching.Measurement per probed batch.
+    """
+    if not torch.cuda.is_available():
+        raise UsageError("the batch-size probe measures GPU memory and needs a CUDA device; on CPU --batch auto is 16")
+    device = torch.device("cuda", device_index)
+    release_device_memory()
+    try:
+        return _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, val_labels, amp,
+                                 stop_above_gb)
+    finally:
+        release_device_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class _ProbeModel:
+    """The model, its EMA copy, optimizer and grad scaler as the trainer holds them during training."""
+
+    def __init__(self, model_spec: str, nc: int, device, amp):
+        import copy
+
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+
+        cfg = load_checkpoint(model_spec)[0].yaml if str(model_spec).endswith(".pt") else model_spec
+        self.model = DetectionModel(cfg, nc=nc, verbose=False).to(device)
+        self.model.args = get_cfg(DEFAULT_CFG)  # the loss reads its gains (box, cls, dfl) from here
+        self.ema = copy.deepcopy(self.model).eval()  # validation runs on Ultralytics' EMA copy
+        self.nc, self.device = nc, device
+        use = amp not in {False, "fp32"} and device.type == "cuda" and _offline_check_amp(self.model)  # as the trainer
+        self.amp = torch.bfloat16 if use and amp == "bf16" else use
+        # AdamW keeps two state tensors per weight, SGD one: probing with AdamW covers either choice.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=bool(self.amp) and amp != "bf16")
+
+    def batch(self, n: int, imgsz: int, labels: int, half: bool = False) -> dict:
+        """A synthetic batch as preprocess_batch leaves it: images in [0, 1], `labels` boxes on every image."""
+        labels = max(labels, 1)
+        k, d = n * labels, self.device
+        img = torch.rand(n, 3, imgsz, imgsz, device=d)
+        boxes = torch.cat([torch.rand(k, 2, device=d) * 0.8 + 0.1, torch.rand(k, 2, device=d) * 0.1 + 0.02], 1)
+        return {"img": img.half() if half else img, "bboxes": boxes,
+                "cls": torch.randint(0, self.nc, (k, 1), device=d).float(),
+                "batch_idx": torch.arange(n, device=d).repeat_interleave(labels).float()}
+
+    def train_steps(self, n: int, imgsz: int, labels: int, steps: int = 2) -> None:
+        """Forward, loss, backward and optimizer step, as the trainer runs them (AMP included)."""
+        from ultralytics.utils.torch_utils import autocast
+
+        self.model.train()
+        for _ in range(steps):  # the second step runs with the optimizer state the first one created
+            fake_device_memory(n)
+            batch = self.batch(n, imgsz, labels)
+            with autocast(self.amp, device=self.device.type):
+                loss, _ = self.model(batch)
+            self.scaler.scale(loss.sum()).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad()
+            del batch, loss
+
+    def validate(self, n: int, imgsz: int, labels: int) -> None:
+        """The validator's pass: half-precision EMA forward, validation loss and NMS."""
+        from ultralytics.utils import nms
+
+        half = bool(self.amp) and self.device.type == "cuda"
+        model = self.ema.half() if half else self.ema.float()
+        fake_device_memory(n, validation=True)
+        with torch.inference_mode():
+            batch = self.batch(n, imgsz, labels, half=half)
+            preds = model(batch["img"])
+            model.loss(batch, preds)
+            nms.non_max_suppression(preds, 0.001, 0.7, multi_label=True, max_det=300,
+                                    end2end=getattr(model, "end2end", False))
+        self.ema.float()
+
+
+def _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, val_labels, amp, stop_above_gb):
+    """The probe's loop, device-agnostic so its steps can be exercised on CPU; peaks are None off CUDA."""
+    from detector.batching import Measurement
+
+    probe = _ProbeModel(model_spec, nc, device, amp)
+    out = []
+    for b in sorted(candidates):
+        phase, peaks = "training", {}
+        try:
+            _reset_peak(device)
+            probe.train_steps(b, imgsz, train_labels)
+            peaks["train_peak_gb"], allocated = _peak_gb(device)
+            phase = "validation"
+            _reset_peak(device)
+            probe.validate(2 * b, imgsz, val_labels)  # Ultralytics validates at twice the training batch
+            peaks["val_peak_gb"], val_allocated = _peak_gb(device)
+            peaks["allocated_peak_gb"] = None if allocated is None else max(allocated, val_allocated)
+            phase = None
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+        if phase:  # out of memory: free the failed step's tensors, keep what was measured
+            probe.optimizer.zero_grad()
+            probe.ema.float()
+            release_device_memory()
+        m = Measurement(b, oom=phase, **peaks)
+        out.append(m)
+        if m.oom or (stop_above_gb is not None and m.peak_gb is not None and m.peak_gb > stop_above_gb):
+            break
+    return out
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device) -> tuple[float | None, float | None]:
+    """Peak reserved (what actually runs out: tensors plus the allocator's cache) and allocated GiB since the reset."""
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_reserved(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def ultralytics_autobatch(model_spec: str, nc: int, imgsz: int, device_index: int = 0, max_num_obj: int = 0,
+                          dataset_size: int = 0) -> int:
+    """Ultralytics' own AutoBatch (batch=-1) on the same model, for tools/bench_batch.py to compare against."""
+    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    from ultralytics.utils.autobatch import check_train_batch_size
+
+    if not torch.cuda.is_available():
+        raise UsageError("Ultralytics' AutoBatch needs a CUDA device")
+    cfg = load_checkpoint(model_spec)[0].yaml if str(model_spec).endswith(".pt") else model_spec
+    model = DetectionModel(cfg, nc=nc, verbose=False).to(torch.device("cuda", device_index))
+    try:
+        return check_train_batch_size(model, imgsz, amp=_offline_check_amp(model), max_num_obj=max_num_obj,
+                                      dataset_size=dataset_size)
+    finally:
+        model = None
+        release_device_memory()

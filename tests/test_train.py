@@ -313,3 +313,17 @@ def test_copied_run_folder_stays_readable(tiny_run, tmp_path):
     """A run folder is self-contained: copied elsewhere, its CSVs still parse with the same columns."""
     copy = shutil.copytree(tiny_run, tmp_path / "copy")
     assert read_csv(copy / "iterations.csv")[0].keys() == read_csv(tiny_run / "iterations.csv")[0].keys()
+
+
+def test_only_rank_zero_records(tmp_path, tiny_data, monkeypatch):
+    """Under DDP every rank runs the callbacks; a trainer built on rank 1 attaches no recorder."""
+    from detector import yolo
+
+    monkeypatch.setattr(yolo, "RANK", 1)
+    trainer = yolo.RecordingTrainer(overrides={"data": str(tiny_data), "model": "yolo11n.yaml", "imgsz": 64,
+                                               "project": str(tmp_path), "name": "r1", "exist_ok": True})
+    assert trainer.tap is None
+    assert not (tmp_path / "r1" / "iterations.csv").exists() and not (tmp_path / "r1" / "run.json").exists()
+    monkeypatch.setattr(yolo, "RANK", -1)
+    assert yolo.RecordingTrainer(overrides={"data": str(tiny_data), "model": "yolo11n.yaml", "imgsz": 64,
+                                            "project": str(tmp_path), "name": "r0", "exist_ok": True}).tap

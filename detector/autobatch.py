@@ -1,0 +1,130 @@
+"""The `--batch auto` use case: gather the figures, probe the GPU, decide, explain.
+
+batching.py holds the pure arithmetic and decisions; yolo.py holds the probe. This
+module joins them for a training (`decide`) and for the dry run `detector batch`
+(`dry_run`): it finds the worst-case label count of the dataset, picks the GPU to
+decide against, runs the probe and records how long it took.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from detector import batching, datasets
+
+STRIDE = 32  # YOLO's largest stride: multi-scale image sizes are multiples of it
+
+
+def densest_labels(data: datasets.DatasetInfo) -> int:
+    """Boxes in the densest image of the dataset: dataset_check's figure, else counted from the label files."""
+    figure = (data.check or {}).get("max_boxes_per_image")
+    if figure is not None:
+        return int(figure)
+    most = 0
+    for split in ("train", "val"):
+        for image in data.splits.get(split, []):
+            try:
+                text = datasets.label_path(Path(image)).read_bytes()
+            except OSError:
+                continue  # an image without a label file is background
+            most = max(most, sum(1 for line in text.splitlines() if line.strip()))
+    return most
+
+
+def label_load(densest: int, overrides: dict) -> tuple[int, int]:
+    """Worst-case boxes per image for (training, validation).
+
+    Mosaic tiles four images into one, so a training image can carry four densest
+    images' boxes (Ultralytics' AutoBatch uses the same x4); mixup and cutmix blend a
+    second image in, doubling it again. Validation images are not augmented. The
+    label assigner pads every image to the batch's largest count, so this count on
+    every image of the batch is what the loss really allocates.
+    """
+    train = densest
+    if float(overrides.get("mosaic", 1.0)) > 0:
+        train *= 4
+    if float(overrides.get("mixup", 0.0)) > 0 or float(overrides.get("cutmix", 0.0)) > 0:
+        train *= 2
+    return max(train, 1), max(densest, 1)
+
+
+def probe_imgsz(imgsz: int, overrides: dict) -> int:
+    """The largest training image: multi-scale grows images up to imgsz x (1 + multi_scale), stride-aligned."""
+    grow = float(overrides.get("multi_scale", 0.0) or 0.0)
+    return math.ceil(imgsz * (1 + grow) / STRIDE) * STRIDE
+
+
+def decide(config, data: datasets.DatasetInfo, device: dict, echo=print) -> batching.BatchDecision:
+    """The batch for a training: explicit as given, 'auto' as 16 on CPU, measured on CUDA."""
+    requested = batching.parse_batch(config.batch)
+    candidates = batching.parse_candidates(config.batch_candidates)
+    batching.check_safety(config.batch_safety)
+    nbs = int(config.overrides.get("nbs", batching.NBS))
+    if requested != "auto" or device.get("type") != "cuda":
+        return batching.decide_cpu(requested, data.train_images, candidates, nbs)
+    return _probe_and_decide(config, data, candidates, nbs, echo)
+
+
+def _probe_and_decide(config, data, candidates, nbs, echo) -> batching.BatchDecision:
+    from detector import yolo
+
+    gpus = yolo.cuda_devices(config.device)
+    # Several GPUs each get the same per-GPU batch, so the GPU with the least room decides.
+    target = min(gpus, key=lambda g: config.batch_safety * g["total_memory_gb"] - g["baseline_gb"])
+    budget = config.batch_safety * target["total_memory_gb"] - target["baseline_gb"]
+    imgsz = probe_imgsz(config.imgsz or 640, config.overrides)
+    densest = densest_labels(data)
+    train_labels, val_labels = label_load(densest, config.overrides)
+    name = f"GPU {target['index']} ({target['name']})"
+    echo(f"probing batch sizes {', '.join(map(str, candidates))} on {name} at imgsz {imgsz} with "
+         f"{train_labels} boxes per training image (densest image: {densest})...")
+    started = time.perf_counter()
+    measurements = yolo.probe_batch_memory(
+        yolo.check_model(config.model), len(data.names), imgsz, candidates, target["index"], train_labels,
+        val_labels, config.overrides.get("amp", True), stop_above_gb=budget)
+    seconds = time.perf_counter() - started
+    decision = batching.decide_gpu(measurements, target["total_memory_gb"], config.batch_safety, candidates,
+                                   data.train_images, nbs, devices=len(gpus), baseline_gb=target["baseline_gb"],
+                                   device_name=name, imgsz=imgsz)
+    return replace(decision, probe={
+        "device": name, "devices": len(gpus), "total_memory_gb": round(target["total_memory_gb"], 3),
+        "baseline_gb": round(target["baseline_gb"], 3), "safety_fraction": config.batch_safety,
+        "budget_gb": round(budget, 3), "imgsz": imgsz, "densest_image_boxes": densest,
+        "train_boxes_per_image": train_labels, "val_boxes_per_image": val_labels, "seconds": round(seconds, 2)})
+
+
+def describe(decision: batching.BatchDecision) -> str:
+    """The decision as the user reads it: the table, then which batch and why."""
+    lines = [batching.table_text(decision)]
+    if decision.probe:
+        p = decision.probe
+        lines.append(f"probe: {p['seconds']:.1f} s on {p['device']}, budget {p['safety_fraction']:.0%} of "
+                     f"{p['total_memory_gb']:.1f} GB" + (f" minus {p['baseline_gb']:.2f} GB in use" if p['baseline_gb']
+                                                          else "") + f" = {p['budget_gb']:.2f} GB")
+    lines.append(f"batch {decision.chosen}: {decision.reason}")
+    return "\n".join(lines)
+
+
+def dry_run(config, echo=print) -> batching.BatchDecision:
+    """`detector batch`: what `detector train` with the same options would choose, without training."""
+    from detector import train as training
+    from detector import yolo
+
+    training._check_options(config)
+    if config.data is None:
+        config = training._with_builtin_defaults(config)
+    yolo.check_overrides(config.overrides)
+    yolo.check_model(config.model)
+    data = training._dataset(config, echo)
+    device = yolo.device_info(config.device)
+    nbs = int(config.overrides.get("nbs", batching.NBS))
+    echo(f"dataset {data.yaml}: {data.train_images} training images, {data.val_images} validation images")
+    where = "CPU" if device["type"] == "cpu" else f"{device['name']} ({device['total_memory_gb']:.1f} GB)"
+    echo(f"model {config.model} at imgsz {config.imgsz or 640} on {where}, nbs {nbs}")
+    decision = decide(config, data, device, echo)
+    echo(describe(decision))
+    echo(batching.explain(data.train_images, nbs))
+    return decision

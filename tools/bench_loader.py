@@ -1,0 +1,244 @@
+"""Benchmark the training data loader: images/s and peak RSS per pipeline, and RSS against dataset size.
+
+Each configuration runs in a fresh process, so its peak RSS is its own:
+
+  decode       cv2.imread + resize of the long side to imgsz, as Ultralytics' load_image does (the ceiling)
+  default      Ultralytics' training loader with its own Albumentations set (no `augmentations` given)
+  PRESET       the same loader with a detector preset: none, ultralytics, light, heavy
+  FILE         the same loader with a pipeline file written by A.save
+
+Examples:
+  .venv/bin/python tools/bench_loader.py --data ../shared/data/coco128/coco128.yaml --imgsz 640 --workers 0
+  .venv/bin/python tools/bench_loader.py --workers 2 --pipelines default,light,my_pipeline.yaml
+  .venv/bin/python tools/bench_loader.py --stream-sizes 128,1280 --pipelines light   # RSS vs dataset size
+
+Prints a Markdown table. Throughput excludes the first batch (worker start-up, label cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "coco128.yaml"
+
+
+def _peak_rss_mb() -> tuple[float, float]:
+    """(this process's peak RSS, the sum of its live children's peak RSS) in MiB, from /proc (Linux)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = 0.0
+    for pid in _children():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    children += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return own, children
+
+
+def _children() -> list[str]:
+    return [pid for task in Path(f"/proc/{os.getpid()}/task").iterdir()
+            for pid in (task / "children").read_text().split()]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live children (loader workers): steadier than wall time on a busy machine."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in _children():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def _decode_loader(files: list[str], imgsz: int, batch: int, workers: int):
+    """Decode and resize only, through the same kind of torch DataLoader."""
+    import cv2
+    import torch
+
+    cv2.setNumThreads(0)  # as Ultralytics sets it: one thread per loader process
+
+    class Decode(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            im = cv2.imread(files[i])
+            h, w = im.shape[:2]
+            r = imgsz / max(h, w)
+            if r != 1:
+                im = cv2.resize(im, (min(round(w * r), imgsz), min(round(h * r), imgsz)), interpolation=cv2.INTER_LINEAR)
+            return im.shape[0]
+
+    return torch.utils.data.DataLoader(Decode(), batch_size=batch, shuffle=True, num_workers=workers,
+                                       collate_fn=lambda items: {"n": len(items)})
+
+
+def step_cpu_ms(files: list[str], transforms, imgsz: int, passes: int = 4) -> float:
+    """CPU ms per image of the Albumentations step alone, on real images and boxes at imgsz x imgsz."""
+    import cv2
+    import numpy as np
+
+    from detector import datasets, yolo
+
+    step = yolo.albumentations_step(transforms)
+    samples = []
+    for f in files[:32]:
+        im = cv2.resize(cv2.imread(f), (imgsz, imgsz), interpolation=cv2.INTER_LINEAR)
+        label = datasets.label_path(Path(f))
+        rows = np.loadtxt(label, ndmin=2) if label.exists() and label.stat().st_size else np.zeros((0, 5))
+        xywh = rows[:, 1:5] * imgsz
+        boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        samples.append((im, boxes, rows[:, 0]))
+    for im, boxes, cls in samples[:4]:  # warm-up
+        step(im.copy(), boxes, cls)
+    copies = [[im.copy() for im, _, _ in samples] for _ in range(passes)]  # copying is not the step's cost
+    started = time.process_time()
+    for batch in copies:
+        for im, (_, boxes, cls) in zip(batch, samples):
+            step(im, boxes, cls)
+    return 1000 * (time.process_time() - started) / (passes * len(samples))
+
+
+def child(spec: dict) -> dict:
+    """Measure one configuration in this process and return its figures."""
+    from detector import augment, datasets
+
+    data = datasets.load(spec["data"])
+    if spec["pipeline"] == "decode":
+        loader = _decode_loader(data.splits["train"], spec["imgsz"], spec["batch"], spec["workers"])
+    else:
+        from detector import yolo
+
+        transforms = None if spec["pipeline"] == "default" else list(
+            augment.resolve(spec["pipeline"], spec["imgsz"]).transforms)
+        with tempfile.TemporaryDirectory() as tmp:
+            data_yaml = data.write_resolved(Path(tmp) / "data.yaml")
+            _, loader, _ = yolo.training_loader(data_yaml, transforms, spec["imgsz"], spec["batch"],
+                                                workers=spec["workers"], overrides={"cache": spec["cache"]})
+    want = spec["images"] or data.train_images  # 0: exactly one pass over the training set
+    seen, started, it = 0, None, iter(loader)
+    batches = 0
+    while seen < want:
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        n = b["n"] if "n" in b else len(b["im_file"])
+        batches += 1
+        if started is None:  # the first batch pays for worker start-up and label caching
+            started, cpu0 = time.perf_counter(), _cpu_seconds()
+            continue
+        seen += n
+    elapsed, cpu = time.perf_counter() - started, _cpu_seconds() - cpu0
+    own, workers_rss = _peak_rss_mb()
+    del loader, it  # stop the workers before timing the step alone
+    step = None if spec["pipeline"] == "decode" or not spec.get("step") else step_cpu_ms(
+        data.splits["train"], transforms, spec["imgsz"])
+    return {"pipeline": spec["pipeline"], "images": seen, "seconds": elapsed, "images_per_s": seen / elapsed,
+            "cpu_ms_per_image": 1000 * cpu / seen, "step_cpu_ms": step,
+            "peak_rss_mb": own, "workers_peak_rss_mb": workers_rss, "train_images": data.train_images}
+
+
+def run_child(spec: dict) -> dict:
+    """One configuration in a fresh interpreter, so ru_maxrss is its own."""
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{spec['pipeline']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def repeated_dataset(data_yaml: Path, n: int, root: Path) -> Path:
+    """A dataset of n training images: the source's images (and labels) symlinked over and over under root."""
+    import yaml
+
+    from detector import datasets
+
+    src = datasets.load(data_yaml)
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    files = src.splits["train"]
+    for i in range(n):
+        image = Path(files[i % len(files)])
+        name = f"{i:06d}_{image.stem}"
+        (root / "images" / "train" / f"{name}{image.suffix}").symlink_to(image)
+        label = datasets.label_path(image)
+        if label.exists():
+            (root / "labels" / "train" / f"{name}.txt").symlink_to(label)
+    out = root / "data.yaml"
+    out.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/train",
+                                   "names": {int(k): v for k, v in src.names.items()}}))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=COCO128, help="YOLO data YAML (default: ../shared coco128)")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--images", type=int, default=256, help="images to time per configuration (after one warm-up batch)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds over all configurations; the table shows medians")
+    p.add_argument("--cache", default=False, help="Ultralytics' cache option (False, ram, disk)")
+    p.add_argument("--pipelines", default="decode,default,none,ultralytics,light,heavy",
+                   help="comma-separated: decode, default, a preset name, or a pipeline file")
+    p.add_argument("--stream-sizes", default=None,
+                   help="e.g. 128,1280: peak RSS for one pass over datasets of these sizes (symlinked copies of --data)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    base = {"imgsz": args.imgsz, "workers": args.workers, "batch": args.batch, "cache": args.cache}
+    pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()]
+    print(f"imgsz {args.imgsz}, batch {args.batch}, workers {args.workers}, cache {args.cache}, "
+          f"{os.cpu_count()} CPUs, data {args.data}")
+    if args.stream_sizes:
+        print("\n| pipeline | dataset images | images read | images/s | peak RSS main (MiB) | peak RSS workers (MiB) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+            for n in (int(x) for x in args.stream_sizes.split(",")):
+                data_yaml = repeated_dataset(args.data, n, Path(tmp) / f"n{n}")
+                for pipe in pipelines:
+                    r = run_child({**base, "data": str(data_yaml), "pipeline": pipe, "images": 0})
+                    print(f"| {pipe} | {n} | {r['images']} | {r['images_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                          f"{r['workers_peak_rss_mb']:.0f} |", flush=True)
+        return
+    runs: dict[str, list[dict]] = {pipe: [] for pipe in pipelines}
+    for _ in range(args.repeat):  # rounds interleave the configurations, so a busy spell hits them alike
+        for pipe in pipelines:
+            runs[pipe].append(run_child({**base, "data": str(args.data), "pipeline": pipe, "images": args.images,
+                                         "step": True}))
+    print(f"\n| pipeline | images/s (median of {args.repeat}) | all runs | loader CPU ms/image | "
+          "loader CPU vs default | Albumentations step CPU ms/image | peak RSS main (MiB) | peak RSS workers (MiB) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    median = {pipe: statistics.median(r["images_per_s"] for r in rs) for pipe, rs in runs.items()}
+    cpu = {pipe: statistics.median(r["cpu_ms_per_image"] for r in rs) for pipe, rs in runs.items()}
+    default = cpu.get("default")
+    for pipe, rs in runs.items():
+        # CPU time per image is what a pipeline adds; wall-clock images/s also moves with the machine's other load
+        rel = f"{100 * (cpu[pipe] / default - 1):+.1f}%" if default and pipe not in {"decode", "default"} else ""
+        every = ", ".join(f"{r['images_per_s']:.0f}" for r in rs)
+        steps = [r["step_cpu_ms"] for r in rs if r.get("step_cpu_ms") is not None]
+        step = f"{statistics.median(steps):.2f}" if steps else ""
+        print(f"| {pipe} | {median[pipe]:.0f} | {every} | {cpu[pipe]:.1f} | {rel} | {step} | "
+              f"{max(r['peak_rss_mb'] for r in rs):.0f} | {max(r['workers_peak_rss_mb'] for r in rs):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
