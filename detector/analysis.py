@@ -80,7 +80,8 @@ def summary(run: Run, train_terms: list[str] | None = None, val_terms: list[str]
         "nbs": nbs, "accumulate": acc,
         "images_per_step": used * acc if used and acc else None,
         "optimizer": meta.get("optimizer"), "lr0": meta.get("lr0"),
-        "epochs_done": len(ep), "epochs_planned": ul_config(run).get("epochs") or (meta.get("progress") or {}).get("epochs"),
+        "epochs_done": len(ep),
+        "epochs_planned": ul_config(run).get("epochs") or (meta.get("progress") or {}).get("epochs"),
         "iterations_per_epoch": meta.get("iterations_per_epoch"),
         "steps_per_epoch": steps[complete[-1]] if complete else None,
         "optimizer_steps": int(np.nanmax(run.iterations.get("optimizer_step"))) if len(run.iterations) else None,
@@ -100,7 +101,7 @@ def _lr_rule(sweep: dict) -> str | None:
     """How a sweep set this run's lr0: a scaling rule, or unscaled under accumulation; None outside sweeps."""
     if sweep.get("lr_scaling"):
         return sweep["lr_scaling"]
-    return "not scaled (nbs fixed)" if sweep.get("semantics") == "accumulate" else None
+    return "unscaled (nbs fixed)" if sweep.get("semantics") == "accumulate" else None
 
 
 @dataclass

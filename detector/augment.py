@@ -257,7 +257,9 @@ def _dry_run(transform, name: str, source: str, imgsz: int) -> None:
     targets = {"bboxes": np.array([[0.5, 0.5, 0.4, 0.3]]), "class_labels": [0]} if boxes else {}
     for _ in range(_SIZE_TRIES):
         try:
-            out = compose(image=image, **targets)
+            with warnings.catch_warnings():  # advice meant for other uses (e.g. "no mask given") is noise here
+                warnings.simplefilter("ignore", UserWarning)
+                out = compose(image=image, **targets)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise AugmentError(f"{source}: {name} fails on a training image: {type(e).__name__}: {first}") from None

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from detector.analysis import batch_used  # noqa: E402
 from detector.runs import Run, ema, smoothing_weight  # noqa: E402
@@ -104,8 +105,10 @@ def epoch_metrics(runs: list[Run], x: str, path: Path) -> Path:
             any_rows = True
             xs = r.epochs.get("epoch") if x == "epoch" else np.nancumsum(r.epochs.get("epoch_time_s"))
             ax.plot(xs, ys, marker="o", markersize=3, label=label(r), **st[r.name])
-        ax.set_title(f"{title} per epoch (validation set)")
+        ax.set_title(f"{title} per epoch against {'epoch' if x == 'epoch' else 'wall time'}")
         ax.set_xlabel("epoch" if x == "epoch" else "wall time at the end of the epoch (s)")
+        if x == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         if not any_rows:
@@ -130,7 +133,8 @@ def epoch_losses(runs: list[Run], train_terms: list[str], val_terms: list[str], 
             drawn = True
         ax.set_title(f"{title} per epoch")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(" + ".join(t.split("_", 1)[1] for t in terms) if terms else "")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("loss (" + " + ".join(t.split("_")[1] for t in terms) + ")" if terms else "")
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)

@@ -57,7 +57,7 @@ TABLE = [
 
 GLOSSARY = (
     "An iteration is one batch through the model (forward and backward). An optimizer step is one update of the "
-    "weights. Ultralytics adds up gradients over `accumulate` = round(nbs / batch) iterations before each step "
+    "weights. Ultralytics adds up gradients over accumulate = round(nbs / batch) iterations before each step "
     "(nbs, the nominal batch size, is 64 unless changed), so with the defaults batch 16, 32 and 64 all update "
     "the weights once per 64 images. mAP50 and mAP50-95 are Ultralytics' validation mean average precision at "
     "IoU 0.5 and averaged over IoU 0.5 to 0.95 (higher is better)."
@@ -167,20 +167,41 @@ def compare(run_dirs, out_dir: str | Path) -> Path:
     return out / REPORT_HTML
 
 
+def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows grouped by batch size when seeds repeat a batch, else one group per run (labelled by name)."""
+    batches = {r["batch_used"] for r in rows}
+    if len(batches) < 2 or len(batches) == len(rows):
+        return [(r["run"], [r]) for r in rows]
+    by: dict = {}
+    for r in rows:
+        by.setdefault(r["batch_used"], []).append(r)
+    return [(f"batch {b}", g) for b, g in sorted(by.items(), key=lambda kv: kv[0] or 0)]
+
+
+def _mean(group: list[dict], key: str):
+    vals = [r[key] for r in group if r[key] is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def headline(comp: Comparison) -> list[str]:
-    """The few sentences a reader wants first: fastest run, best mAP, total time."""
-    rows = comp.rows
-    out = []
-    speed = [r for r in rows if r["images_per_s"]]
+    """The few sentences a reader wants first: speed, time and mAP per batch size (means over seeds)."""
+    rows, out = comp.rows, []
+    groups = [(label, g, {k: _mean(g, k) for k in ("images_per_s", "train_time_s", "final_map50_95")})
+              for label, g in _groups(rows)]
+    mean = " (means over seeds)" if any(len(g) > 1 for _, g, _ in groups) else ""
+    speed = [(label, m["images_per_s"]) for label, _, m in groups if m["images_per_s"]]
     if len(speed) > 1:
-        fast, slow = max(speed, key=lambda r: r["images_per_s"]), min(speed, key=lambda r: r["images_per_s"])
-        out.append(f"Fastest: {fast['run']} at {fast['images_per_s']:.1f} images/s, "
-                   f"{fast['images_per_s'] / slow['images_per_s']:.2f}x the slowest ({slow['run']}, "
-                   f"{slow['images_per_s']:.1f} images/s).")
+        (fast, f), (slow, sl) = max(speed, key=lambda x: x[1]), min(speed, key=lambda x: x[1])
+        out.append(f"Fastest{mean}: {fast} at {f:.1f} images/s, {f / sl:.2f}x the slowest ({slow}, "
+                   f"{sl:.1f} images/s).")
+    done = [(label, m) for label, _, m in groups if m["final_map50_95"] is not None]
+    if len(done) > 1:
+        out.append(f"Training time and final mAP50-95{mean}: " + "; ".join(
+            f"{label}: {m['train_time_s'] / 60:.1f} min, {m['final_map50_95']:.3f}" for label, m in done) + ".")
     best = [r for r in rows if r["best_map50_95"] is not None]
     if best:
         top = max(best, key=lambda r: r["best_map50_95"])
-        out.append(f"Highest best mAP50-95: {top['run']} with {top['best_map50_95']:.3f} at epoch "
+        out.append(f"Highest best mAP50-95 of a single run: {top['run']} with {top['best_map50_95']:.3f} at epoch "
                    f"{top['best_epoch']}.")
     total = sum(r["train_time_s"] or 0 for r in rows)
     out.append(f"{len(rows)} run(s), {total / 60:.1f} min of training in all.")
@@ -237,7 +258,7 @@ h1{margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #dde;padding-b
 .verdict{font-weight:600}
 table{border-collapse:collapse;font-size:.9rem;margin:.5rem 0}th,td{border:1px solid #ccd;padding:.25rem .55rem;
 text-align:right}th{background:#f0f2f5}td:first-child,th:first-child{text-align:left}
-tbody tr:nth-child(even){background:#fafbfc}
+tbody tr:nth-child(even){background:#fafbfc}td:first-child{white-space:nowrap}.scroll{overflow-x:auto}
 figure{margin:1.2rem 0}figure img{max-width:100%;border:1px solid #e3e5e8}figcaption{color:#445;font-size:.9rem}
 code{font-size:.85rem}
 """
@@ -272,7 +293,8 @@ def to_html(comp: Comparison) -> str:
     head = "".join(f"<th>{e(n)}</th>" for n in names)
     body = "".join(f"<tr><td>{e(label)}</td>" + "".join(f"<td>{e(comp.cell(r, key, fmt))}</td>" for r in comp.rows)
                    + "</tr>" for label, key, fmt in TABLE)
-    parts += ["<h2>Runs</h2>", f'<table id="runs"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>']
+    parts += ["<h2>Runs</h2>", f'<div class="scroll"><table id="runs"><thead><tr><th></th>{head}</tr></thead>'
+              f"<tbody>{body}</tbody></table></div>"]
     if any(s.n > 1 for stats in comp.stats.values() for s in stats):
         srows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _stats_rows(comp))
         parts += ["<h2>Seeds: mean and 95% confidence interval</h2>",

@@ -120,7 +120,8 @@ def load(path: str | Path) -> Run:
     """Read one run folder; raise RunDirError when it is not a run."""
     path = Path(path).expanduser().resolve()
     meta = _run_json(path)
-    run = Run(path=path, meta=meta, iterations=_read_table(path / ITERATIONS_CSV), epochs=_read_table(path / EPOCHS_CSV))
+    run = Run(path=path, meta=meta, iterations=_read_table(path / ITERATIONS_CSV),
+              epochs=_read_table(path / EPOCHS_CSV))
     status = run.status
     if status == "running":
         run.notes.append("still running (or killed without a trace): read as far as it has got")

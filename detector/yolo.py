@@ -265,6 +265,9 @@ class RecordingTrainer(DetectionTrainer):
                           "on_train_batch_end", "on_fit_epoch_end"):
                 self.add_callback(event, getattr(self.tap, event))
 
+    def build_dataset(self, img_path, mode="train", batch=None):
+        return single_thread_collate(super().build_dataset(img_path, mode, batch))  # see single_thread_collate
+
     def preprocess_batch(self, batch):
         batch = super().preprocess_batch(batch)
         if self.tap:
@@ -383,7 +386,8 @@ def check_augmentations(transforms: list[dict], imgsz: int, source: str) -> None
         for seed in range(3):
             out = augment_sample(transforms, image.copy(), [box], [0], seed=seed)
             if out is None:
-                raise AugmentError(f"{source}: Ultralytics cannot build this pipeline: {(said or ['unknown error'])[-1]}")
+                why = (said or ["unknown error"])[-1]
+                raise AugmentError(f"{source}: Ultralytics cannot build this pipeline: {why}")
             if out[0].shape != (imgsz, imgsz, 3):
                 raise AugmentError(f"{source}: the pipeline turns a {imgsz}x{imgsz} image into "
                                    f"{out[0].shape[1]}x{out[0].shape[0]}; every image of a batch must keep its size")
@@ -396,12 +400,43 @@ def check_augmentations(transforms: list[dict], imgsz: int, source: str) -> None
         LOGGER.handlers[:] = shown
 
 
+class _SingleThreadCollate:
+    """A dataset's collate_fn run with one PyTorch thread (a class, so worker processes can pickle it)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, batch):
+        threads = torch.get_num_threads()
+        if threads == 1:  # loader workers already run single-threaded
+            return self.fn(batch)
+        torch.set_num_threads(1)
+        try:
+            return self.fn(batch)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def single_thread_collate(dataset):
+    """Make the loader stack a batch's images with one thread; return the dataset.
+
+    With workers=0 (always, when Ultralytics trains on CPU) the batch is collated in
+    the training process, whose PyTorch thread pool turns torch.stack of 16 640-px
+    images into a multi-threaded copy: measured on the 2-core machine at 5.6-12 ms
+    per image of wall time against 0.3-0.4 ms with one thread (docs/benchmarks.md,
+    "Data loader"). Workers are single-threaded already, so they are unaffected.
+    """
+    dataset.collate_fn = _SingleThreadCollate(type(dataset).collate_fn)  # build_dataloader reads the attribute
+    return dataset
+
+
 def training_loader(data_yaml: Path, transforms: list[dict] | None, imgsz: int, batch: int, workers: int = 0,
-                    seed: int = 0, overrides: dict | None = None):
+                    seed: int = 0, overrides: dict | None = None, stock_collate: bool = False):
     """Ultralytics' training dataset and loader, built as DetectionTrainer builds them (augment on, shuffle on).
 
     transforms None keeps Ultralytics' default Albumentations set. Images are read from disk as batches
-    need them; only `cache=ram`/`cache=disk` in overrides changes that.
+    need them; only `cache=ram`/`cache=disk` in overrides changes that. stock_collate keeps Ultralytics'
+    own collate (for benchmarks); by default it is single-threaded as in training.
     """
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset
@@ -416,6 +451,8 @@ def training_loader(data_yaml: Path, transforms: list[dict] | None, imgsz: int, 
     data = check_det_dataset(str(data_yaml))
     init_seeds(cfg.seed + 1 + RANK, deterministic=cfg.deterministic)  # as BaseTrainer.__init__ seeds
     dataset = build_yolo_dataset(cfg, data["train"], batch, data, mode="train", stride=32)
+    if not stock_collate:
+        single_thread_collate(dataset)
     loader = build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=-1, device="cpu")
     return dataset, loader, data["names"]
 

@@ -107,7 +107,8 @@ BAD = [
         {"__class_fullname__": "Resize", "height": 48, "width": 48, "p": 1.0}]},
      "Resize changes the image size from 64x64 to 48x48"),
     ({"__class_fullname__": "Lambda", "name": "mine", "p": 1.0}, "Lambda cannot be serialized"),
-    ({"__class_fullname__": "OverlayElements", "p": 0.5}, "OverlayElements moves pixels but cannot move bounding boxes"),
+    ({"__class_fullname__": "OverlayElements", "p": 0.5},
+     "OverlayElements moves pixels but cannot move bounding boxes"),
     ({"__class_fullname__": "Normalize", "p": 1.0}, "Normalize turns the uint8 image into float32"),
     ({"__class_fullname__": "ToTensorV2", "p": 1.0}, "ToTensorV2 is not a 2D image transform"),
     ({"__class_fullname__": "MaskDropout", "p": 0.5}, "MaskDropout fails on a training image"),
@@ -204,7 +205,8 @@ def test_training_records_the_pipeline_and_resume_keeps_it(tiny_data, tmp_path):
                             text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # stop it during epoch 2, after epoch 1 is saved
-        rows = (run_dir / "iterations.csv").read_text().splitlines()[1:] if (run_dir / "iterations.csv").exists() else []
+        csv = run_dir / "iterations.csv"
+        rows = csv.read_text().splitlines()[1:] if csv.exists() else []
         if any(r.split(",")[0] == "2" for r in rows):
             proc.send_signal(signal.SIGTERM)
             break

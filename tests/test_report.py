@@ -257,8 +257,8 @@ def test_sweep_rerun_skips_finished_and_restarts_unfinished(tiny_sweep):
 
 
 def test_true_semantics_sweep_makes_every_iteration_a_step(tiny_data, tmp_path):
-    result = run_cli(["sweep", "--batch", "8", "--semantics", "true", "--epochs", "1", "--imgsz", "64", "--workers", "0",
-                      "--data", str(tiny_data), "--project", str(tmp_path), "optimizer=SGD", "lr0=0.01", "plots=False"],
+    result = run_cli(["sweep", "--batch", "8", "--semantics", "true", "--epochs", "1", "--imgsz", "64",
+                      "--workers", "0", "--data", str(tiny_data), "--project", str(tmp_path), "optimizer=SGD", "lr0=0.01", "plots=False"],
                      tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "sweep-b8-true" / "b8-s0" / "run.json").read_text())

@@ -3,7 +3,8 @@
 Each configuration runs in a fresh process, so its peak RSS is its own:
 
   decode       cv2.imread + resize of the long side to imgsz, as Ultralytics' load_image does (the ceiling)
-  default      Ultralytics' training loader with its own Albumentations set (no `augmentations` given)
+  stock        Ultralytics' training loader exactly as it ships (its own Albumentations set, its own collate)
+  default      the same with the collate detector trains with (one PyTorch thread: detector.yolo.single_thread_collate)
   PRESET       the same loader with a detector preset: none, ultralytics, light, heavy
   FILE         the same loader with a pipeline file written by A.save
 
@@ -11,6 +12,7 @@ Examples:
   .venv/bin/python tools/bench_loader.py --data ../shared/data/coco128/coco128.yaml --imgsz 640 --workers 0
   .venv/bin/python tools/bench_loader.py --workers 2 --pipelines default,light,my_pipeline.yaml
   .venv/bin/python tools/bench_loader.py --stream-sizes 128,1280 --pipelines light   # RSS vs dataset size
+  .venv/bin/python tools/bench_loader.py --per-transform --pipelines heavy,my_pipeline.yaml  # what costs what
 
 Prints a Markdown table. Throughput excludes the first batch (worker start-up, label cache).
 """
@@ -81,7 +83,8 @@ def _decode_loader(files: list[str], imgsz: int, batch: int, workers: int):
             h, w = im.shape[:2]
             r = imgsz / max(h, w)
             if r != 1:
-                im = cv2.resize(im, (min(round(w * r), imgsz), min(round(h * r), imgsz)), interpolation=cv2.INTER_LINEAR)
+                size = (min(round(w * r), imgsz), min(round(h * r), imgsz))
+                im = cv2.resize(im, size, interpolation=cv2.INTER_LINEAR)
             return im.shape[0]
 
     return torch.utils.data.DataLoader(Decode(), batch_size=batch, shuffle=True, num_workers=workers,
@@ -102,7 +105,8 @@ def step_cpu_ms(files: list[str], transforms, imgsz: int, passes: int = 4) -> fl
         label = datasets.label_path(Path(f))
         rows = np.loadtxt(label, ndmin=2) if label.exists() and label.stat().st_size else np.zeros((0, 5))
         xywh = rows[:, 1:5] * imgsz
-        boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        # clipped to the image, as Ultralytics' random perspective leaves them (Albumentations refuses -1e-7)
+        boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1).clip(0, imgsz)
         samples.append((im, boxes, rows[:, 0]))
     for im, boxes, cls in samples[:4]:  # warm-up
         step(im.copy(), boxes, cls)
@@ -112,6 +116,27 @@ def step_cpu_ms(files: list[str], transforms, imgsz: int, passes: int = 4) -> fl
         for im, (_, boxes, cls) in zip(batch, samples):
             step(im, boxes, cls)
     return 1000 * (time.process_time() - started) / (passes * len(samples))
+
+
+def per_transform(data_yaml: Path, pipelines: list[str], imgsz: int) -> None:
+    """Print the Albumentations step's CPU ms/image for each transform of the pipelines, forced to p=1."""
+    import albumentations as A
+
+    from detector import augment, datasets
+
+    files = datasets.load(data_yaml).splits["train"]
+    print("\n| transform (p=1) | from | step CPU ms/image | its p | expected ms/image at its p |")
+    print("|---|---|---:|---:|---:|")
+    baseline = step_cpu_ms(files, [], imgsz)
+    print(f"| (empty list) | | {baseline:.2f} | | |")
+    for pipe in pipelines:
+        for t in augment.resolve(pipe, imgsz).transforms:
+            body = t["transform"]
+            forced = A.to_dict(A.from_dict({"transform": {**body, "p": 1.0}}))
+            ms = step_cpu_ms(files, [forced], imgsz)
+            p = float(body.get("p", 1.0))
+            print(f"| {body['__class_fullname__']} | {Path(pipe).name} | {ms:.2f} | {p:g} | {ms * p:.2f} |",
+                  flush=True)
 
 
 def child(spec: dict) -> dict:
@@ -124,12 +149,13 @@ def child(spec: dict) -> dict:
     else:
         from detector import yolo
 
-        transforms = None if spec["pipeline"] == "default" else list(
+        transforms = None if spec["pipeline"] in {"default", "stock"} else list(
             augment.resolve(spec["pipeline"], spec["imgsz"]).transforms)
         with tempfile.TemporaryDirectory() as tmp:
             data_yaml = data.write_resolved(Path(tmp) / "data.yaml")
             _, loader, _ = yolo.training_loader(data_yaml, transforms, spec["imgsz"], spec["batch"],
-                                                workers=spec["workers"], overrides={"cache": spec["cache"]})
+                                                workers=spec["workers"], overrides={"cache": spec["cache"]},
+                                                stock_collate=spec["pipeline"] == "stock")
     want = spec["images"] or data.train_images  # 0: exactly one pass over the training set
     seen, started, it = 0, None, iter(loader)
     batches = 0
@@ -148,7 +174,7 @@ def child(spec: dict) -> dict:
     elapsed, cpu = time.perf_counter() - started, _cpu_seconds() - cpu0
     own, workers_rss = _peak_rss_mb()
     del loader, it  # stop the workers before timing the step alone
-    step = None if spec["pipeline"] == "decode" or not spec.get("step") else step_cpu_ms(
+    step = None if spec["pipeline"] in {"decode", "stock"} or not spec.get("step") else step_cpu_ms(
         data.splits["train"], transforms, spec["imgsz"])
     return {"pipeline": spec["pipeline"], "images": seen, "seconds": elapsed, "images_per_s": seen / elapsed,
             "cpu_ms_per_image": 1000 * cpu / seen, "step_cpu_ms": step,
@@ -195,10 +221,13 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=256, help="images to time per configuration (after one warm-up batch)")
     p.add_argument("--repeat", type=int, default=1, help="rounds over all configurations; the table shows medians")
     p.add_argument("--cache", default=False, help="Ultralytics' cache option (False, ram, disk)")
-    p.add_argument("--pipelines", default="decode,default,none,ultralytics,light,heavy",
-                   help="comma-separated: decode, default, a preset name, or a pipeline file")
+    p.add_argument("--pipelines", default="decode,stock,default,none,ultralytics,light,heavy",
+                   help="comma-separated: decode, stock, default, a preset name, or a pipeline file")
     p.add_argument("--stream-sizes", default=None,
-                   help="e.g. 128,1280: peak RSS for one pass over datasets of these sizes (symlinked copies of --data)")
+                   help="e.g. 128,1280: peak RSS for one pass over datasets of these sizes "
+                        "(symlinked copies of --data)")
+    p.add_argument("--per-transform", action="store_true",
+                   help="instead: CPU cost of each transform of --pipelines alone, at p=1 (presets and files only)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -208,6 +237,9 @@ def main(argv=None) -> None:
     pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()]
     print(f"imgsz {args.imgsz}, batch {args.batch}, workers {args.workers}, cache {args.cache}, "
           f"{os.cpu_count()} CPUs, data {args.data}")
+    if args.per_transform:
+        per_transform(args.data, pipelines, args.imgsz)
+        return
     if args.stream_sizes:
         print("\n| pipeline | dataset images | images read | images/s | peak RSS main (MiB) | peak RSS workers (MiB) |")
         print("|---|---:|---:|---:|---:|---:|")
@@ -232,7 +264,8 @@ def main(argv=None) -> None:
     default = cpu.get("default")
     for pipe, rs in runs.items():
         # CPU time per image is what a pipeline adds; wall-clock images/s also moves with the machine's other load
-        rel = f"{100 * (cpu[pipe] / default - 1):+.1f}%" if default and pipe not in {"decode", "default"} else ""
+        baseline = pipe in {"decode", "stock", "default"}
+        rel = f"{100 * (cpu[pipe] / default - 1):+.1f}%" if default and not baseline else ""
         every = ", ".join(f"{r['images_per_s']:.0f}" for r in rs)
         steps = [r["step_cpu_ms"] for r in rs if r.get("step_cpu_ms") is not None]
         step = f"{statistics.median(steps):.2f}" if steps else ""
