@@ -113,12 +113,7 @@ def dry_run(config, echo=print) -> batching.BatchDecision:
     from detector import train as training
     from detector import yolo
 
-    training._check_options(config)
-    if config.data is None:
-        config = training._with_builtin_defaults(config)
-    yolo.check_overrides(config.overrides)
-    yolo.check_model(config.model)
-    data = training._dataset(config, echo)
+    config, data = training.prepare(config, echo)
     device = yolo.device_info(config.device)
     nbs = int(config.overrides.get("nbs", batching.NBS))
     echo(f"dataset {data.yaml}: {data.train_images} training images, {data.val_images} validation images")

@@ -68,7 +68,10 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-def _with_builtin_defaults(config: TrainConfig) -> TrainConfig:
+def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
+    """config with the built-in demo's settings filled in where the user left them unset (no --data only)."""
+    if config.data is not None:
+        return config
     overrides = {**BUILTIN_OVERRIDES, **config.overrides}
     return replace(
         config,
@@ -78,7 +81,8 @@ def _with_builtin_defaults(config: TrainConfig) -> TrainConfig:
     )
 
 
-def _check_options(config: TrainConfig) -> None:
+def check_options(config: TrainConfig) -> None:
+    """Refuse option values that cannot train (UsageError), before anything is loaded."""
     if config.epochs is not None and config.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, not {config.epochs}")
     if config.imgsz is not None and config.imgsz < 32:
@@ -109,6 +113,22 @@ def _make_run_dir(project: Path, name: str | None) -> Path:
     except OSError as e:
         raise RunDirError(f"cannot create run folder {run_dir}: {e.strerror}") from e
     return run_dir
+
+
+def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.DatasetInfo]:
+    """Check every option and the dataset, as `train` does before creating a run folder.
+
+    Returns the config with the built-in demo's defaults applied and the checked
+    dataset. Shared by `train`, `detector batch` and the benchmarks.
+    """
+    check_options(config)
+    config = with_builtin_defaults(config)
+    batching.parse_batch(config.batch)
+    from detector import yolo  # imports ultralytics: after the cheap checks
+
+    yolo.check_overrides(config.overrides)
+    yolo.check_model(config.model)
+    return config, _dataset(config, echo)
 
 
 def _dataset(config: TrainConfig, echo) -> datasets.DatasetInfo:
@@ -182,20 +202,17 @@ def run(config: TrainConfig, echo=print) -> Path:
     """Train one run and return its folder."""
     if config.resume is not None:
         return resume(config, echo)
-    _check_options(config)
-    if config.data is None:
-        config = _with_builtin_defaults(config)
-    requested = batching.parse_batch(config.batch)
-    from detector import yolo  # imports ultralytics: after the cheap checks
-
-    yolo.check_overrides(config.overrides)
-    model = yolo.check_model(config.model)
     from detector import augment
 
-    pipeline = augment.resolve(config.augment, config.imgsz or 640)  # refused here, before any run folder exists
-    data = _dataset(config, echo)
+    check_options(config)
+    # The pipeline is refused before the dataset is read: a bad file fails in a second.
+    pipeline = augment.resolve(config.augment, config.imgsz or with_builtin_defaults(config).imgsz or 640)
+    config, data = prepare(config, echo)
+    from detector import yolo
+
+    model = yolo.check_model(config.model)
     device = yolo.device_info(config.device)
-    decision = _decide_batch(config, requested, data, device)
+    decision = autobatch.decide(config, data, device)
     run_dir = _make_run_dir(config.project, config.name)
     data_yaml = data.write_resolved(run_dir / "data.yaml")
     echo(autobatch.describe(decision))
@@ -224,11 +241,6 @@ def run(config: TrainConfig, echo=print) -> Path:
     return run_dir
 
 
-def _decide_batch(config: TrainConfig, requested, data, device) -> batching.BatchDecision:
-    """Explicit as given; 'auto' is 16 on CPU and measured by the probe on CUDA (detector/autobatch.py)."""
-    return autobatch.decide(config, data, device)
-
-
 def resume(config: TrainConfig, echo=print) -> Path:
     """Continue the run in config.resume from its last completed epoch."""
     run_dir = Path(config.resume).expanduser().resolve()
@@ -243,8 +255,6 @@ def resume(config: TrainConfig, echo=print) -> Path:
         raise RunDirError(f"run {run_dir} already completed; start a new run to train further")
     if config.augment is not None:  # Ultralytics restores the pipeline from last.pt's args
         raise UsageError(f"--augment cannot change a resumed run; {run_dir} continues with the pipeline in its run.json")
-    from detector import yolo
-
     ul_args = {}
     if config.device is not None:
         ul_args["device"] = config.device

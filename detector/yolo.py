@@ -10,9 +10,19 @@ running on every DDP rank (only rank 0 records).
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
+import os
+import platform
 import re
+import sys
 import time
+import warnings
+from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 from detector import runtime
 
@@ -26,7 +36,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.nn.tasks import guess_model_task, yaml_model_load  # noqa: E402
 from ultralytics.utils import LOGGER, RANK  # noqa: E402
 
-from detector.errors import ModelError, UsageError  # noqa: E402
+from detector.errors import AugmentError, DeviceOutOfMemory, ExportError, ModelError, UsageError  # noqa: E402
 from detector.recorder import Recorder  # noqa: E402
 
 # GPUs Ultralytics' own AMP check rejects by name (its check_amp, 8.4).
@@ -89,8 +99,6 @@ def check_model(model: str) -> str:
 
 def versions() -> dict:
     """Versions of the libraries a run depends on, for run.json."""
-    import platform
-
     import albumentations
     import ultralytics
 
@@ -329,11 +337,9 @@ def albumentations_step(transforms: list[dict] | None):
 
     None if Ultralytics cannot build it (it then trains without it, logging why).
     """
-    import numpy as np
     from ultralytics.data.augment import Albumentations
     from ultralytics.utils.instance import Instances
 
-    import warnings
 
     with warnings.catch_warnings():  # A.from_dict warns about fields some classes' own to_dict writes (SafeRotate)
         warnings.simplefilter("ignore", UserWarning)
@@ -369,11 +375,6 @@ def augment_sample(transforms: list[dict], image, boxes_xyxy, cls, seed: int = 0
 
 def check_augmentations(transforms: list[dict], imgsz: int, source: str) -> None:
     """Dry-run a pipeline through Ultralytics' own Albumentations step; raise AugmentError if it cannot train."""
-    import logging
-
-    import numpy as np
-
-    from detector.errors import AugmentError
 
     said: list[str] = []
     handler = logging.Handler()
@@ -474,13 +475,6 @@ def augmented_batch(data_yaml: Path, transforms: list[dict] | None, imgsz: int, 
 
 # --- Export, parity and predict (issue 6: detector export / detector predict) ----------------------------------------
 
-import contextlib as _contextlib  # noqa: E402
-import logging as _logging  # noqa: E402
-from importlib import metadata as _metadata  # noqa: E402
-
-import numpy as _np  # noqa: E402
-
-from detector.errors import ExportError  # noqa: E402
 
 
 def export_formats() -> dict[str, str]:
@@ -519,12 +513,12 @@ def model_defaults(model) -> dict:
     return {"imgsz": args.get("imgsz"), "data": args.get("data")}
 
 
-@_contextlib.contextmanager
+@contextlib.contextmanager
 def _quiet_ultralytics():
     """Silence Ultralytics' own log lines (banners, 'export failure') so the CLI prints one clear line."""
-    logger = _logging.getLogger("ultralytics")
+    logger = logging.getLogger("ultralytics")
     level = logger.level
-    logger.setLevel(_logging.CRITICAL + 1)
+    logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
@@ -542,17 +536,17 @@ def _not_installed(requirements) -> list[str]:
         installed = False
         for name in names:
             try:
-                _metadata.version(name)
+                metadata.version(name)
                 installed = True
                 break
-            except _metadata.PackageNotFoundError:
+            except metadata.PackageNotFoundError:
                 continue
         if not installed:
             missing.append(str(candidates[0]))
     return missing
 
 
-@_contextlib.contextmanager
+@contextlib.contextmanager
 def _no_installs(fmt: str):
     """Make a missing export backend an ExportError that names what to pip install.
 
@@ -561,7 +555,6 @@ def _no_installs(fmt: str):
     exporter. Each exporter module holds its own reference to the function, so every
     loaded one is swapped for the duration of the export.
     """
-    import sys
 
     from ultralytics.utils import checks
 
@@ -625,7 +618,7 @@ def torch_forward(weights: Path, imgsz: int):
     with _quiet_ultralytics():
         module = module.fuse(verbose=False, imgsz=imgsz)
 
-    def forward(x: _np.ndarray) -> _np.ndarray:
+    def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             y = module(torch.from_numpy(x))
         return _raw(y)
@@ -637,7 +630,6 @@ def backend_forward(path: Path):
     """A function running any exported model through Ultralytics' AutoBackend on the CPU, raw output out."""
     from ultralytics.nn.autobackend import AutoBackend
 
-    import warnings
 
     with _quiet_ultralytics(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice, for TorchScript
@@ -646,30 +638,30 @@ def backend_forward(path: Path):
         except Exception as e:
             raise ModelError(f"cannot load {path}: {_first_line(e)}") from None
 
-    def forward(x: _np.ndarray) -> _np.ndarray:
+    def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return _raw(backend(torch.from_numpy(x)))
 
     return forward
 
 
-def _raw(y) -> _np.ndarray:
+def _raw(y) -> np.ndarray:
     """The (N, 4+nc, anchors) decoded head output from whatever container the model returned."""
     while isinstance(y, (list, tuple)):
         y = y[0]
-    return (y.detach().float().cpu().numpy() if torch.is_tensor(y) else _np.asarray(y)).astype(_np.float32)
+    return (y.detach().float().cpu().numpy() if torch.is_tensor(y) else np.asarray(y)).astype(np.float32)
 
 
-def letterbox(image: _np.ndarray, imgsz: int) -> _np.ndarray:
+def letterbox(image: np.ndarray, imgsz: int) -> np.ndarray:
     """A BGR image as the exported model's input: letterboxed to imgsz square, RGB, 0..1, shape (1,3,imgsz,imgsz)."""
     from ultralytics.data.augment import LetterBox
 
     boxed = LetterBox(new_shape=(imgsz, imgsz), auto=False)(image=image)
-    x = boxed[..., ::-1].transpose(2, 0, 1)[None].astype(_np.float32) / 255.0
-    return _np.ascontiguousarray(x)
+    x = boxed[..., ::-1].transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+    return np.ascontiguousarray(x)
 
 
-def nms(raw: _np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300) -> list[_np.ndarray]:
+def nms(raw: np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300) -> list[np.ndarray]:
     """Ultralytics' NMS as predict applies it, on raw head output: per image an (n, 6) array x1 y1 x2 y2 score cls."""
     from ultralytics.utils.nms import non_max_suppression
 
@@ -742,7 +734,6 @@ def fake_device_memory(images: int, epoch: int | None = None, epoch_iteration: i
     validation pass over more than val_above (default: above), raises PyTorch's real
     out-of-memory error. Unset, this does nothing.
     """
-    import os
 
     spec = os.environ.get(FAKE_OOM_ENV)
     if not spec:
@@ -757,7 +748,6 @@ def fake_device_memory(images: int, epoch: int | None = None, epoch_iteration: i
 
 def release_device_memory() -> None:
     """Collect garbage and hand cached CUDA blocks back, after an out-of-memory error or a probe."""
-    import gc
 
     gc.collect()
     if torch.cuda.is_available():
@@ -766,8 +756,6 @@ def release_device_memory() -> None:
 
 def _fit(spec: str, **train_args) -> dict:
     """YOLO(spec).train(**train_args); an out-of-memory error leaves as DeviceOutOfMemory, memory freed first."""
-    from detector.errors import DeviceOutOfMemory
-
     model = YOLO(spec)
     try:
         model.train(**train_args)

@@ -29,7 +29,7 @@ def _config(args, model: str):
     config = training.TrainConfig(data=args.data, model=model, imgsz=args.imgsz, device=args.device,
                                   batch_candidates=batching.parse_candidates(args.candidates),
                                   batch_safety=args.safety)
-    return training._with_builtin_defaults(config) if args.data is None else config
+    return training.with_builtin_defaults(config)
 
 
 def bench_model(args, model: str, data, device: dict) -> None:
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     from detector import train as training
 
     config = _config(args, args.models.split(",")[0])
-    data = training._dataset(config, echo=print)
+    config, data = training.prepare(config, echo=print)
     device = yolo.device_info(args.device)
     where = "CPU" if device["type"] == "cpu" else f"{device['name']} ({device['total_memory_gb']:.1f} GB)"
     print(f"dataset {data.yaml}: {data.train_images} training images; device {where}")
