@@ -63,9 +63,11 @@ def main():
     """Train YOLO detectors with Ultralytics and make batch size a choice you understand.
 
     \b
-    Example:
-        detector train                      # the built-in dataset, batch auto
-        detector train --data data.yaml --model yolo11n.yaml --epochs 50
+    Examples:
+        detector train --name demo            # built-in dataset, batch auto: runs/demo/
+        detector batch --data data.yaml       # what batch auto would choose, and the epoch arithmetic
+        detector sweep --batch 16,32,64       # 16 vs 32 vs 64 with an HTML report
+        detector export runs/demo             # ONNX, checked against the .pt
     """
 
 
