@@ -29,7 +29,7 @@ class PlanRow:
     batch: int
     iterations_per_epoch: int
     accumulate: int
-    optimizer_steps_per_epoch: int
+    optimizer_steps_per_epoch: float  # on average: Ultralytics' step cadence runs on across epoch boundaries
     images_per_step: int
     peak_gb: float | None = None
     fits: bool | None = None
@@ -86,13 +86,14 @@ def plan_row(n_images: int, batch: int, nbs: int = NBS) -> PlanRow:
     """Iterations and optimizer steps per epoch for n_images at batch, as Ultralytics trains.
 
     Ultralytics steps the optimizer when at least `accumulate = max(round(nbs / batch), 1)`
-    iterations have passed since the last step, so an epoch of ceil(n / batch)
-    iterations has ceil(iterations / accumulate) steps when epochs are run back to back
-    from a step boundary (warmup, which ramps accumulate up from 1, adds a few more).
+    iterations have passed since the last step, and that count runs on across epoch
+    boundaries, so an epoch of ceil(n / batch) iterations makes iterations / accumulate
+    steps on average (6.25 for 400 images at batch 16: epochs alternate 6 and 7).
+    Warmup, which ramps accumulate up from 1, adds a few in the first epochs.
     """
     iterations = math.ceil(n_images / batch)
     accumulate = max(round(nbs / batch), 1)
-    steps = math.ceil(iterations / accumulate)
+    steps = round(iterations / accumulate, 2)
     return PlanRow(batch=batch, iterations_per_epoch=iterations, accumulate=accumulate,
                    optimizer_steps_per_epoch=steps, images_per_step=batch * accumulate)
 
@@ -240,7 +241,7 @@ def table_text(decision: BatchDecision) -> str:
         cells += [str(r.per_device_batch)] if multi else []
         cells += [_gb(r.train_peak_gb), _gb(r.val_peak_gb), _gb(r.peak_gb),
                   "-" if r.fits is None else ("yes" if r.fits else "no"), str(r.iterations_per_epoch),
-                  str(r.accumulate), str(r.optimizer_steps_per_epoch), str(r.images_per_step), r.note or ""]
+                  str(r.accumulate), f"{r.optimizer_steps_per_epoch:g}", str(r.images_per_step), r.note or ""]
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(w) if i < len(head) - 1 else cell for i, (cell, w) in

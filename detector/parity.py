@@ -14,11 +14,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from detector.errors import ExportError
+
 
 def raw_differences(a: np.ndarray, b: np.ndarray) -> dict:
     """Largest absolute differences of two raw (N, 4+nc, anchors) outputs: overall, box rows, score rows."""
     if a.shape != b.shape:
-        raise ValueError(f"raw output shapes differ: {a.shape} vs {b.shape}")
+        raise ExportError(f"the exported model does not compute the .pt's output: raw output shapes differ: "
+                          f"{a.shape} vs {b.shape}")
     d = np.abs(a.astype(np.float64) - b.astype(np.float64))
     return {"max_abs_diff": float(d.max()), "max_abs_diff_boxes_px": float(d[:, :4].max()),
             "max_abs_diff_scores": float(d[:, 4:].max())}

@@ -67,7 +67,7 @@ def _write_settings(ul_dir: Path) -> None:
         "runs_dir": str(home() / "ultralytics-runs"),
     }
     if wanted != current:
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".settings.{os.getpid()}.tmp")  # parallel processes each write their own
         tmp.write_text(json.dumps(wanted, indent=2))
         tmp.replace(path)
 
@@ -80,7 +80,7 @@ def _install_font(ul_dir: Path) -> None:
     import matplotlib
 
     source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_name(f".Arial.{os.getpid()}.tmp")
     shutil.copyfile(source, tmp)
     tmp.replace(target)
 

@@ -1,8 +1,9 @@
 """Surviving out-of-memory during training: step down to the next smaller candidate and resume.
 
-Ultralytics 8.4 halves the batch after an out-of-memory error only in the first
-epoch of a run on one GPU (trainer._do_train) and re-raises it everywhere else:
-in later epochs, in validation, after a resume. Here such an error (already
+Ultralytics 8.4 halves the batch after an out-of-memory error only in a training
+step of the first epoch it runs (of a run, or after a resume) on one GPU
+(trainer._do_train), and re-raises it everywhere else: in later epochs and in
+validation. Here such an error (already
 turned into DeviceOutOfMemory by yolo.py, with the device memory freed) makes
 the run continue from its last completed epoch (weights/last.pt, which
 Ultralytics lets a resume override the batch of) at the next smaller

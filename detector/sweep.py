@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from detector import report, train
+from detector import batching, report, train
 from detector.analysis import REFERENCE_BATCH
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.recorder import Recorder, now_iso, write_json_atomic
@@ -100,7 +100,7 @@ def plan(config: SweepConfig) -> list[PlannedRun]:
     for b in config.batches:
         if config.semantics == "accumulate":
             # The built-in demo sets nbs=16; a sweep of this kind needs one fixed nbs, Ultralytics' 64 unless set.
-            nbs = int(config.template.overrides.get("nbs", 64))
+            nbs = int(config.template.overrides.get("nbs", batching.NBS))
             over, rec = {"nbs": nbs}, {**base, "lr_scaling": None, "nbs": nbs}
         else:
             optimizer, lr0 = str(_resolved(config, "optimizer")), float(_resolved(config, "lr0"))
@@ -175,7 +175,8 @@ def _train_one(config: SweepConfig, folder: Path, p: PlannedRun, echo) -> None:
         return
     if state == "resume":
         echo(f"{p.name}: unfinished, resuming from its last completed epoch")
-        train.run(replace(config.template, resume=run_dir), echo=echo)
+        train.run(train.TrainConfig(resume=run_dir, device=config.template.device, command=config.template.command),
+                  echo=echo)
         return
     if state == "restart":  # stopped before its first epoch ended: no weights or mAP to keep
         echo(f"{p.name}: stopped before its first epoch ended, starting it again")

@@ -127,7 +127,7 @@ def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.Data
     from detector import yolo  # imports ultralytics: after the cheap checks
 
     yolo.check_overrides(config.overrides)
-    yolo.check_model(config.model)
+    yolo.check_model(config.model)  # refused before the dataset is read
     return config, _dataset(config, echo)
 
 
@@ -204,15 +204,13 @@ def run(config: TrainConfig, echo=print) -> Path:
         return resume(config, echo)
     from detector import augment
 
-    check_options(config)
-    # The pipeline is refused before the dataset is read: a bad file fails in a second.
-    pipeline = augment.resolve(config.augment, config.imgsz or with_builtin_defaults(config).imgsz or 640)
     config, data = prepare(config, echo)
+    pipeline = augment.resolve(config.augment, config.imgsz or 640)
     from detector import yolo
 
-    model = yolo.check_model(config.model)
+    model = yolo.check_model(config.model)  # the resolved spec (cheap: prepare already checked it)
     device = yolo.device_info(config.device)
-    decision = autobatch.decide(config, data, device)
+    decision = autobatch.decide(config, data, device, echo)
     run_dir = _make_run_dir(config.project, config.name)
     data_yaml = data.write_resolved(run_dir / "data.yaml")
     echo(autobatch.describe(decision))
@@ -255,6 +253,7 @@ def resume(config: TrainConfig, echo=print) -> Path:
         raise RunDirError(f"run {run_dir} already completed; start a new run to train further")
     if config.augment is not None:  # Ultralytics restores the pipeline from last.pt's args
         raise UsageError(f"--augment cannot change a resumed run; {run_dir} continues with the pipeline in its run.json")
+    _refuse_resume_options(config, run_dir)
     ul_args = {}
     if config.device is not None:
         ul_args["device"] = config.device
@@ -266,6 +265,21 @@ def resume(config: TrainConfig, echo=print) -> Path:
     candidates = (state.get("config") or {}).get("batch_candidates") or batching.DEFAULT_CANDIDATES
     _supervise(recorder, run_dir, lambda: stepdown.resume(last, ul_args, run_dir, recorder, candidates, echo))
     return run_dir
+
+
+# Options a resume cannot change: Ultralytics restores them from last.pt (only device and batch may differ).
+_FIXED_ON_RESUME = {"data": "--data", "model": "--model", "epochs": "--epochs", "imgsz": "--imgsz",
+                    "workers": "--workers", "seed": "--seed", "name": "--name", "project": "--project",
+                    "overrides": "KEY=VALUE", "batch_candidates": "--batch-candidates", "batch_safety": "--batch-safety"}
+
+
+def _refuse_resume_options(config: TrainConfig, run_dir: Path) -> None:
+    """A resumed run continues with its own settings: say so instead of ignoring an option."""
+    defaults = TrainConfig()
+    changed = [flag for key, flag in _FIXED_ON_RESUME.items() if getattr(config, key) != getattr(defaults, key)]
+    if changed:
+        raise UsageError(f"{changed[0]} cannot change a resumed run; {run_dir} continues with the settings in its "
+                         "run.json (only --device and --batch may be given with --resume)")
 
 
 def _jsonable(obj):

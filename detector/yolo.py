@@ -158,8 +158,9 @@ class _Tap:
         last = self.rec.keep_epochs_through(trainer.start_epoch)  # resume: drop the unfinished epoch's rows
         self._restore(last)
         self._resume_base = last
-        if last:  # time_s continues across a resume
+        if last:  # time_s and the best epoch continue across a resume
             self.time_offset = float(last["time_s"])
+            self.best = (self.rec.read().get("progress") or {}).get("best")
         if trainer.start_epoch:
             self.rec.event("resumed", from_epoch=trainer.start_epoch + 1, iteration=self.iteration)
         data = self.rec.read()
@@ -184,7 +185,10 @@ class _Tap:
             if trainer.batch_size != self._epoch_batch:
                 # Weights did receive the aborted attempt's updates, so optimizer_step keeps counting them.
                 self._restore(last, keep_steps=True)
-                self.rec.event("oom_step_down", epoch=epoch, iteration=self._epoch_rows + 1,
+                failed_at = self._epoch_rows + 1  # the iteration that ran out of memory, within the epoch
+                self.rec.event("oom_step_down", epoch=epoch, iteration=self.iteration + failed_at,
+                               epoch_iteration=failed_at, phase="training",
+                               action="batch halved by Ultralytics, epoch restarted",
                                discarded_iterations=discarded, **{"from": self._epoch_batch, "to": trainer.batch_size})
                 data = self.rec.read()
                 self.rec.update(batch={**data.get("batch", {}), "used": trainer.batch_size},
@@ -265,9 +269,11 @@ class RecordingTrainer(DetectionTrainer):
     class alone.
     """
 
+    tap_class = _Tap  # what copies trainer fields into the record (a benchmark times a subclass)
+
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
         super().__init__(cfg, overrides, _callbacks)
-        self.tap = _Tap(self) if RANK in {-1, 0} else None
+        self.tap = self.tap_class(self) if RANK in {-1, 0} else None
         if self.tap:
             for event in ("on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start",
                           "on_train_batch_end", "on_fit_epoch_end"):
@@ -302,6 +308,9 @@ class RecordingTrainer(DetectionTrainer):
         finally:
             if self.tap:
                 self.tap.in_final = False
+
+
+PlainTrainer = DetectionTrainer  # Ultralytics' trainer without the record, for benchmarks
 
 
 def train(overrides: dict, trainer: type = RecordingTrainer) -> dict:
@@ -714,7 +723,9 @@ _REAL_OOM_TEXT = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a 
                   "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
                   "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
 # The texts Ultralytics' own first-epoch halving treats as running out of device memory.
-_MEMORY_ERRORS = ("out of memory", "cublas_status_alloc_failed")
+# Ultralytics 8.4 treats the same texts as memory errors (trainer._do_train); matched lower-cased.
+_MEMORY_ERRORS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_internal_error",
+                  "unable to find an engine")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

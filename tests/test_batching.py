@@ -39,10 +39,11 @@ def read_csv(path: Path) -> list[dict]:
     (128, 16, 64, 8, 4, 2, 64),
     (128, 32, 64, 4, 2, 2, 64),
     (128, 64, 64, 2, 1, 2, 64),
-    (40, 16, 64, 3, 4, 1, 64),  # 16 + 16 + 8 images; one step per epoch
-    (40, 8, 16, 5, 2, 3, 16),
+    (40, 16, 64, 3, 4, 0.75, 64),  # 16 + 16 + 8 images; a step every 4 iterations, across epochs
+    (40, 8, 16, 5, 2, 2.5, 16),  # epochs alternate 3 and 2 steps
+    (400, 16, 64, 25, 4, 6.25, 64),  # the built-in dataset at Ultralytics' nbs: 6 or 7 steps per epoch
     (400, 64, 16, 7, 1, 7, 64),  # batch above nbs: every iteration is a step
-    (100, 24, 64, 5, 3, 2, 72),  # round(64 / 24) = 3
+    (100, 24, 64, 5, 3, 1.67, 72),  # round(64 / 24) = 3
 ])
 def test_plan_row(n, batch, nbs, iterations, accumulate, steps, per_step):
     row = batching.plan_row(n, batch, nbs)
@@ -242,7 +243,7 @@ def test_batch_command_on_cpu_shows_the_plan(tiny_data):
     assert "40 training images" in out and "on CPU" in out
     table = [line.split() for line in out.splitlines() if line.strip().startswith(("*", "16", "32", "64"))]
     # marker, batch, train/val/peak GB, fits, it/epoch, accumulate, steps/epoch, img/step
-    assert table == [["*", "16", "-", "-", "-", "-", "3", "4", "1", "64"],
+    assert table == [["*", "16", "-", "-", "-", "-", "3", "4", "0.75", "64"],  # a step every 4 iterations
                      ["32", "-", "-", "-", "-", "2", "2", "1", "64"],
                      ["64", "-", "-", "-", "-", "1", "1", "1", "64"]]
     assert "batch 16: no CUDA device" in out
@@ -255,7 +256,7 @@ def test_batch_command_entry_point_with_candidates_and_nbs(tiny_data, tmp_path):
                    tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith(("*", "8 ", "16"))]
-    assert rows == [["8", "-", "-", "-", "-", "5", "2", "3", "16"],
+    assert rows == [["8", "-", "-", "-", "-", "5", "2", "2.5", "16"],
                     ["*", "16", "-", "-", "-", "-", "3", "1", "3", "16"]]
     assert "nbs 16" in proc.stdout
 

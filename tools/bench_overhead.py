@@ -26,7 +26,7 @@ from detector import datasets, runtime, synth  # noqa: E402
 from detector.recorder import Recorder  # noqa: E402
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="data YAML (default: the built-in dataset)")
     ap.add_argument("--model", default="yolo11n.yaml")
@@ -34,13 +34,12 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=3, help="rounds of the three trainings")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    data_yaml = Path(args.data) if args.data else synth.ensure(synth.SynthSpec(), runtime.datasets_cache())
+
+def trainers(callback_time: list[float]) -> dict:
+    """The three trainers compared: plain Ultralytics, detector unrecorded, detector recorded (timed)."""
     from detector import yolo  # after runtime is prepared
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
-    callback_time = [0.0]
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -51,41 +50,41 @@ def main() -> None:
                 callback_time[0] += time.perf_counter() - t
         return wrapper
 
-    class TimedTap(yolo._Tap):
-        pass
-
-    for name in ("on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
-                 "on_fit_epoch_end"):
-        setattr(TimedTap, name, timed(getattr(yolo._Tap, name)))
+    timed_tap = type("TimedTap", (yolo.RecordingTrainer.tap_class,), {
+        name: timed(getattr(yolo.RecordingTrainer.tap_class, name))
+        for name in ("on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start",
+                     "on_train_batch_end", "on_fit_epoch_end")})
 
     class UnrecordedTrainer(yolo.RecordingTrainer):
         """detector's trainer without the record: no tap, no callbacks."""
 
         def __init__(self, *a, **k):
-            DetectionTrainer.__init__(self, *a, **k)
+            yolo.PlainTrainer.__init__(self, *a, **k)
             self.tap = None
 
-    class TimedRecordingTrainer(yolo.RecordingTrainer):
-        def __init__(self, *a, **k):
-            orig = yolo._Tap
-            yolo._Tap = TimedTap
-            try:
-                super().__init__(*a, **k)
-            finally:
-                yolo._Tap = orig
+    recorded = type("TimedRecordingTrainer", (yolo.RecordingTrainer,), {"tap_class": timed_tap})
+    return {"Ultralytics": yolo.PlainTrainer, "unrecorded": UnrecordedTrainer, "recorded": recorded}
 
+
+def main() -> None:
+    args = parse_args()
+    data_yaml = Path(args.data) if args.data else synth.ensure(synth.SynthSpec(), runtime.datasets_cache())
+    from detector import yolo
+
+    callback_time = [0.0]
+    variants = trainers(callback_time)
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}  # process CPU time: less disturbed by other load than wall time
+    shares = []
     with tempfile.TemporaryDirectory() as tmp:
         resolved = datasets.load(data_yaml).write_resolved(Path(tmp) / "data.yaml")
         base = {"data": str(resolved), "model": args.model, "epochs": args.epochs, "imgsz": args.imgsz,
                 "batch": args.batch, "seed": 0, "deterministic": True, "workers": 0, "plots": False,
                 "project": tmp, "exist_ok": True, "verbose": False}
-        variants = {"Ultralytics": DetectionTrainer, "unrecorded": UnrecordedTrainer,
-                    "recorded": TimedRecordingTrainer}
-        wall = {k: [] for k in variants}
-        cpu = {k: [] for k in variants}  # process CPU time: less disturbed by other load than wall time
-        shares = []
         for i in range(args.pairs):
-            for key, trainer in variants.items():
+            keys = list(variants)
+            for key in keys[i % 3:] + keys[:i % 3]:  # rotate the order: the first training of a process is slower
+                trainer = variants[key]
                 name = f"{key}{i}"
                 if key == "recorded":
                     (Path(tmp) / name).mkdir()
@@ -99,6 +98,10 @@ def main() -> None:
             print(f"round {i + 1}: " + ", ".join(f"{k} {wall[k][-1]:.2f} s wall / {cpu[k][-1]:.2f} s CPU"
                                                  for k in variants)
                   + f"; in our callbacks {callback_time[0] * 1000:.0f} ms", flush=True)
+    report(args, data_yaml, wall, cpu, shares)
+
+
+def report(args, data_yaml, wall: dict, cpu: dict, shares: list[float]) -> None:
     med = statistics.median
     print(f"\ndata={data_yaml} model={args.model} imgsz={args.imgsz} batch={args.batch} epochs={args.epochs}")
     for label, table in (("wall", wall), ("CPU", cpu)):
