@@ -62,8 +62,20 @@ class DatasetInfo:
         return data
 
     def write_resolved(self, path: Path) -> Path:
-        """Write resolved_yaml() to path and return it."""
-        path.write_text(yaml.safe_dump(self.resolved_yaml(), sort_keys=False), encoding="utf-8")
+        """Write resolved_yaml() to path and return it.
+
+        A split given as a .txt list is rewritten beside it as a list of absolute
+        paths: Ultralytics reads relative lines against the current directory
+        (only './' lines against the list's folder), while users mean the list's folder.
+        """
+        data = self.resolved_yaml()
+        for split in ("train", "val"):
+            entries = self.raw[split] if isinstance(self.raw[split], list) else [self.raw[split]]
+            if any(str(e).endswith(".txt") for e in entries):
+                listed = path.with_name(f"{path.stem}-{split}.txt")
+                listed.write_text("".join(f"{image}\n" for image in self.splits[split]), encoding="utf-8")
+                data[split] = str(listed)
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -104,11 +105,19 @@ def run(config: ExportConfig, echo=print) -> Path:
 
     echo(f"Exporting {weights} to {config.format} at imgsz {imgsz} (CPU)...")
     t0 = time.time()
-    exported = yolo.export_model(weights, config.format, imgsz, half=config.half, dynamic=config.dynamic,
-                                 simplify=config.simplify, opset=config.opset)
-    export_s = time.time() - t0
+    options = {"half": config.half, "dynamic": config.dynamic, "simplify": config.simplify, "opset": config.opset}
     if config.out:
-        exported = _move(exported, Path(config.out).expanduser())
+        # Ultralytics writes beside the weights it exports: export a staged copy, so an earlier
+        # export beside the original (and its export.json) is never overwritten.
+        out_dir = Path(config.out).expanduser()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as tmp:
+            staged = Path(tmp) / weights.name
+            shutil.copy2(weights, staged)
+            exported = _move(yolo.export_model(staged, config.format, imgsz, **options), out_dir)
+    else:
+        exported = yolo.export_model(weights, config.format, imgsz, **options)
+    export_s = time.time() - t0
 
     echo(f"Checking parity on {len(files)} image(s) at conf {config.conf}...")
     figures = compare(weights, exported, config.format, imgsz, files, images, config.conf, config.iou_match)

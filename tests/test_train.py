@@ -330,3 +330,19 @@ def test_resume_refuses_options_it_cannot_honour(tiny_run, tmp_path):
     _fails(["--resume", str(copy), "--epochs", "5"], "--epochs cannot change a resumed run")
     _fails(["--resume", str(copy), "lr0=0.1"], "KEY=VALUE cannot change a resumed run")
     assert json.loads((copy / "run.json").read_text())["status"] == "interrupted"  # nothing was touched
+
+
+def test_txt_image_lists_are_resolved_against_their_folder(tmp_path, tiny_data, monkeypatch):
+    """A split given as a .txt of relative lines trains on the files the user meant, from any directory."""
+    import shutil
+
+    root = shutil.copytree(tiny_data.parent, tmp_path / "copy")
+    (root / "train-list.txt").write_text("".join(f"images/train/train_{i:05d}.png\n" for i in range(20)))
+    y = tmp_path / "list.yaml"
+    y.write_text(f"path: {root}\ntrain: train-list.txt\nval: images/val\nnames: [a, b, c, d]\n")
+    info = datasets.load(y)
+    assert info.train_images == 20
+    monkeypatch.chdir(tmp_path)
+    resolved = yaml.safe_load(info.write_resolved(tmp_path / "data.yaml").read_text())
+    lines = Path(resolved["train"]).read_text().splitlines()
+    assert len(lines) == 20 and all(Path(p).is_absolute() and Path(p).is_file() for p in lines)
