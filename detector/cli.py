@@ -143,7 +143,6 @@ def datasets():
 def _show_check(result, as_json: bool) -> None:
     """Print a check result (text or JSON) and fail with one line when it found errors."""
     from detector import dataset_check
-    from detector.errors import DatasetError
 
     if as_json:
         import json
@@ -152,9 +151,7 @@ def _show_check(result, as_json: bool) -> None:
     else:
         click.echo(dataset_check.format_report(result))
         click.echo(f"checked in {result.seconds:.2f} s")
-    if not result.ok:
-        raise DatasetError(f"{len(result.errors)} error(s) in {result.yaml} would break or silently damage training; "
-                           "fix the files listed above")
+    dataset_check.require_ok(result)
 
 
 @datasets.command("check")
@@ -209,11 +206,8 @@ def datasets_convert(fmt, annotations, images_dir, out, split, keep_crowd, keep_
     from detector import dataset_check, dataset_convert
     from detector import datasets as ds
 
-    if fmt == "coco":
-        result = dataset_convert.from_coco(annotations, images_dir, out, split, keep_crowd=keep_crowd, link=symlink)
-    else:
-        result = dataset_convert.from_voc(annotations, images_dir, out, split, keep_difficult=keep_difficult,
-                                          link=symlink)
+    result = dataset_convert.convert(fmt, annotations, images_dir, out, split, keep_crowd=keep_crowd,
+                                     keep_difficult=keep_difficult, link=symlink)
     for line in result.lines():
         click.echo(line)
     _show_check(dataset_check.check(ds.load(result.yaml)), as_json=False)
@@ -350,8 +344,8 @@ def compare(run_dirs, out):
 @click.option("--model", default="yolo11n.yaml", show_default=True, help="Model YAML or local .pt.")
 @click.option("--epochs", type=int, default=None, help="Epochs per run. Default 100; 20 on the built-in dataset.")
 @click.option("--imgsz", type=int, default=None, help="Image size. Default 640; 128 on the built-in dataset.")
-@click.option("--device", default=None, help="cpu or 0. Default: GPU 0 if present, else CPU.")
-@click.option("--workers", type=int, default=8, show_default=True, help="Data loader worker processes.")
+@click.option("--device", default=None, help="cpu, 0, or 0,1 for two GPUs. Default: GPU 0 if present, else CPU.")
+@click.option("--workers", type=int, default=8, show_default=True, help="Data loader worker processes (CPU training uses 0).")
 @click.option("--augment", default=None, metavar="FILE|PRESET", help="Albumentations pipeline, as for 'detector train'.")
 @click.option("--name", default=None, help="Sweep folder name. Default: sweep-b<batches> (so a re-run continues it).")
 @click.option("--project", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,

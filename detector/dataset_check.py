@@ -387,6 +387,14 @@ def require_trainable(info: datasets.DatasetInfo, echo=print) -> datasets.Datase
     return replace(info, check=result.figures())
 
 
+def require_ok(result: CheckResult) -> CheckResult:
+    """result when it found no errors; otherwise DatasetError (the caller has shown the report)."""
+    if not result.ok:
+        raise DatasetError(f"{_plural(len(result.errors), 'error')} in {result.yaml} would break or silently damage "
+                           "training; fix the files listed above")
+    return result
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 

@@ -106,6 +106,14 @@ def from_coco(instances: Path, images_dir: Path, out: Path, split: str = "train"
     return result
 
 
+def convert(fmt: str, annotations: Path, images_dir: Path, out: Path, split: str = "train", keep_crowd: bool = False,
+            keep_difficult: bool = False, link: bool = False) -> ConvertResult:
+    """Convert COCO ('coco') or Pascal VOC ('voc') annotations into a YOLO dataset under out."""
+    if fmt == "coco":
+        return from_coco(annotations, images_dir, out, split, keep_crowd=keep_crowd, link=link)
+    return from_voc(annotations, images_dir, out, split, keep_difficult=keep_difficult, link=link)
+
+
 def _read_coco(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -132,7 +132,7 @@ def test_check_command_exit_codes_text_and_json(coco_copy):
     result = _invoke(["datasets", "check", coco_copy])
     assert result.exit_code == 1
     assert f"labels/train/{labels[1].name}:{line}: class id 80 is out of range" in result.output
-    assert "1 error(s)" in result.output.splitlines()[-1]
+    assert "1 error in" in result.output.splitlines()[-1]
     as_json = _invoke(["datasets", "check", coco_copy, "--json"])
     report = json.loads(as_json.stdout)
     assert report["errors"] == 1 and report["problems"][0]["line"] == line
