@@ -60,6 +60,9 @@ def _write_settings(ul_dir: Path) -> None:
         except (OSError, ValueError):
             current = {}
     wanted = {
+        # The rest of Ultralytics 8.4's schema (settings_version 0.0.8), so its first import does
+        # not warn that the file is outdated and rewrite it; values already there are kept.
+        "settings_version": "0.0.8", "uuid": "", "openai_api_key": "",
         **current,
         **OFFLINE_SETTINGS,
         "datasets_dir": str(datasets_cache()),
