@@ -78,6 +78,7 @@ def check_model(model: str) -> str:
     if p.suffix == ".pt":
         if not p.is_file():
             raise ModelError(f"weights file {model} not found; {hint}")
+        load_model(p)  # a damaged or non-detection checkpoint is refused before any run folder exists
         return str(p.resolve())
     if p.suffix not in {".yaml", ".yml"}:
         raise ModelError(f"unknown model {model!r}; {hint}")

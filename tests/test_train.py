@@ -267,6 +267,9 @@ def test_bad_inputs_are_refused_clearly(tmp_path, tiny_data, empty_split_yaml):
     _fails([*base, "--model", "yolo99z.yaml"], "nothing can be downloaded")
     _fails([*base, "--model", "yolo11n.pt"], "nothing can be downloaded")
     _fails([*base, "--model", "yolo11n-seg.yaml"], "detection")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x80\x02not a checkpoint")
+    _fails([*base, "--model", str(damaged)], "cannot load")
     for bad in ("abc", "0", "-4", "1.5"):
         _fails([*base, "--batch", bad], "--batch")
     _fails([*base, "--epochs", "0"], "--epochs")
