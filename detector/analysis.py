@@ -266,6 +266,34 @@ def group_stats(rows: list[dict], metric: str) -> list[GroupStat]:
     return out
 
 
+def paired_verdicts(rows: list[dict], metric: str, label: str) -> list[str]:
+    """Per pair of batch sizes run with the same seeds: the mean paired difference and its 95% t-interval.
+
+    Pairing by seed removes what each seed does to both runs (same initial weights,
+    same data order), so it can show a difference that unpaired intervals hide.
+    """
+    by_batch: dict = {}
+    for r in rows:
+        if r["status"] == "completed" and r[metric] is not None and r.get("seed") is not None:
+            by_batch.setdefault(r["batch_used"], {})[r["seed"]] = r[metric]
+    out = []
+    batches = sorted(by_batch)
+    for i, a in enumerate(batches):
+        for b in batches[i + 1:]:
+            seeds = sorted(set(by_batch[a]) & set(by_batch[b]))
+            if len(seeds) < 2:
+                continue
+            diffs = np.array([by_batch[b][s] - by_batch[a][s] for s in seeds])
+            mean = float(diffs.mean())
+            half = t975(len(seeds) - 1) * float(diffs.std(ddof=1)) / math.sqrt(len(seeds))
+            low, high = mean - half, mean + half
+            verdict = ("within the noise (the interval includes 0)" if low <= 0 <= high else
+                       f"batch {b} is {'higher' if mean > 0 else 'lower'} beyond the seed noise")
+            out.append(f"{label}, paired by seed ({len(seeds)} seeds): batch {b} minus batch {a} = {mean:+.3f} "
+                       f"(95% interval {low:+.3f} to {high:+.3f}): {verdict}.")
+    return out
+
+
 SINGLE_SEED = ("One run per batch size: there is no measure of seed-to-seed noise, so a difference in mAP of a few "
                "points may be chance. Run several seeds (detector sweep --seeds 0,1,2) to get confidence intervals.")
 

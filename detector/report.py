@@ -116,6 +116,8 @@ def analyse(loaded: list) -> Comparison:
         comp.verdicts.append(analysis.SINGLE_SEED)
     else:
         comp.verdicts += [v for label, stats in comp.stats.items() if (v := analysis.noise_verdict(stats, label))]
+        for metric, label in (("best_map50_95", "Best mAP50-95"), ("final_map50_95", "Final mAP50-95")):
+            comp.verdicts += analysis.paired_verdicts(rows, metric, label)
     return comp
 
 

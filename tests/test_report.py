@@ -171,6 +171,19 @@ def test_noise_verdict_says_within_noise_or_not():
     assert "do not overlap" in verdict and "batch 16" in verdict and "within the noise" not in verdict
 
 
+def test_paired_by_seed_finds_what_unpaired_intervals_hide():
+    # Seeds move both batch sizes together; batch 64 is 0.03 lower for every seed.
+    rows = [{"batch_used": b, "status": "completed", "seed": s, "final_map50_95": base - (0.03 if b == 64 else 0)}
+            for s, base in enumerate([0.30, 0.40, 0.50]) for b in (16, 64)]
+    unpaired = analysis.noise_verdict(analysis.group_stats(rows, "final_map50_95"), "Final mAP50-95")
+    assert "within the noise" in unpaired
+    (paired,) = analysis.paired_verdicts(rows, "final_map50_95", "Final mAP50-95")
+    assert "batch 64 minus batch 16 = -0.030" in paired and "lower beyond the seed noise" in paired
+    rows[1]["final_map50_95"] = 0.33  # seed 0 now favours batch 64: the paired interval includes 0
+    (paired,) = analysis.paired_verdicts(rows, "final_map50_95", "Final mAP50-95")
+    assert "within the noise" in paired
+
+
 def test_report_with_seeds_shows_intervals(tmp_path):
     dirs = [write_run(tmp_path, f"b{b}-s{s}", batch=b, seed=s, map_top=0.3 + 0.01 * s)
             for b in (16, 32) for s in (0, 1)]
