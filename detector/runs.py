@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +118,20 @@ def _run_json(path: Path) -> dict:
     return meta
 
 
+def process_gone(meta: dict) -> bool:
+    """True when run.json names a process on this host that no longer exists (a SIGKILL, a power cut)."""
+    pid, host = meta.get("pid"), meta.get("host")
+    if not isinstance(pid, int) or host != platform.node():
+        return False  # written elsewhere, or by an older version: cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
+
+
 def load(path: str | Path) -> Run:
     """Read one run folder; raise RunDirError when it is not a run."""
     path = Path(path).expanduser().resolve()
@@ -123,7 +139,10 @@ def load(path: str | Path) -> Run:
     run = Run(path=path, meta=meta, iterations=_read_table(path / ITERATIONS_CSV),
               epochs=_read_table(path / EPOCHS_CSV))
     status = run.status
-    if status == "running":
+    if status == "running" and process_gone(meta):
+        run.notes.append(f"killed without a trace (its process {meta['pid']} is gone); read as far as it got, "
+                         f"continue it with detector train --resume {path}")
+    elif status == "running":
         run.notes.append("still running (or killed without a trace): read as far as it has got")
     elif status in {"interrupted", "failed"}:
         why = f": {meta['error']}" if meta.get("error") else ""

@@ -8,6 +8,7 @@ nothing behind and overwrites nothing.
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import sys
 import time
@@ -226,7 +227,7 @@ def run(config: TrainConfig, echo=print) -> Path:
         ul_args["device"] = config.device
     recorder = Recorder(run_dir)
     recorder.start({
-        "name": run_dir.name, "command": list(config.command) or sys.argv, "pid": os.getpid(),
+        "name": run_dir.name, "command": list(config.command) or sys.argv, "pid": os.getpid(), "host": platform.node(),
         "config": {**_jsonable(asdict(config)), "ultralytics": _jsonable(ul_args)},
         "dataset": data.summary(), "model": config.model, "device": device, "batch": decision.summary(),
         "nbs": config.overrides.get("nbs", batching.NBS), "augmentations": pipeline.record(),
@@ -259,7 +260,7 @@ def resume(config: TrainConfig, echo=print) -> Path:
         ul_args["device"] = config.device
     if batching.parse_batch(config.batch) != "auto":  # e.g. after an out-of-memory error no candidate survived
         ul_args["batch"] = int(config.batch)
-    recorder.update(status="running", finished=None, error=None, pid=os.getpid(),
+    recorder.update(status="running", finished=None, error=None, pid=os.getpid(), host=platform.node(),
                     resumed=[*state.get("resumed", []), {"command": list(config.command) or sys.argv}])
     echo(f"resuming {run_dir} from {last}")
     candidates = (state.get("config") or {}).get("batch_candidates") or batching.DEFAULT_CANDIDATES
