@@ -113,7 +113,7 @@ def dry_run(config, echo=print) -> batching.BatchDecision:
     from detector import train as training
     from detector import yolo
 
-    config, data = training.prepare(config, echo)
+    config, data, _ = training.prepare(config, echo)
     device = yolo.device_info(config.device)
     nbs = int(config.overrides.get("nbs", batching.NBS))
     echo(f"dataset {data.yaml}: {data.train_images} training images, {data.val_images} validation images")

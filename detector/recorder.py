@@ -135,6 +135,10 @@ class Recorder:
         write_json_atomic(self.run_json, data)
         return data
 
+    def merge(self, key: str, **fields: Any) -> dict:
+        """Update some fields of one run.json entry (e.g. batch.used), keeping its others."""
+        return self.update(**{key: {**(self.read().get(key) or {}), **fields}})
+
     def start(self, meta: dict) -> None:
         """Write run.json for a new run with status running."""
         self.update(**{"events": [], **meta}, status="running", started=now_iso(), finished=None)

@@ -116,11 +116,12 @@ def _make_run_dir(project: Path, name: str | None) -> Path:
     return run_dir
 
 
-def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.DatasetInfo]:
-    """Check every option and the dataset, as `train` does before creating a run folder.
+def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.DatasetInfo, str]:
+    """Check every option, the model and the dataset, as `train` does before creating a run folder.
 
-    Returns the config with the built-in demo's defaults applied and the checked
-    dataset. Shared by `train`, `detector batch` and the benchmarks.
+    Returns the config with the built-in demo's defaults applied, the checked
+    dataset and the model spec Ultralytics will load. Shared by `train`,
+    `detector batch` and the benchmarks.
     """
     check_options(config)
     config = with_builtin_defaults(config)
@@ -128,8 +129,8 @@ def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.Data
     from detector import yolo  # imports ultralytics: after the cheap checks
 
     yolo.check_overrides(config.overrides)
-    yolo.check_model(config.model)  # refused before the dataset is read
-    return config, _dataset(config, echo)
+    model = yolo.check_model(config.model)  # refused before the dataset is read
+    return config, _dataset(config, echo), model
 
 
 def _dataset(config: TrainConfig, echo) -> datasets.DatasetInfo:
@@ -195,7 +196,8 @@ def _supervise(recorder: Recorder, run_dir: Path, work) -> dict:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         recorder.finish("failed", error=f"{type(e).__name__}: {first}")
         raise DetectorError(f"training failed: {type(e).__name__}: {first} (traceback in {run_dir / 'error.log'})") from e
-    recorder.finish("completed", batch={**recorder.read().get("batch", {}), "used": outcome["batch_used"]})
+    recorder.merge("batch", used=outcome["batch_used"])
+    recorder.finish("completed")
     return outcome
 
 
@@ -205,11 +207,10 @@ def run(config: TrainConfig, echo=print) -> Path:
         return resume(config, echo)
     from detector import augment
 
-    config, data = prepare(config, echo)
+    config, data, model = prepare(config, echo)
     pipeline = augment.resolve(config.augment, config.imgsz or 640)
     from detector import yolo
 
-    model = yolo.check_model(config.model)  # the resolved spec (cheap: prepare already checked it)
     device = yolo.device_info(config.device)
     decision = autobatch.decide(config, data, device, echo)
     run_dir = _make_run_dir(config.project, config.name)

@@ -127,6 +127,11 @@ def device_info(device: str | None) -> dict:
             "total_memory_gb": round(smallest.total_memory / 2**30, 2)}
 
 
+# Our column names for the box metrics Ultralytics reports per validation.
+_METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)", "map50": "metrics/mAP50(B)",
+                "map50_95": "metrics/mAP50-95(B)"}
+
+
 class _Tap:
     """Copies trainer fields into plain rows for the recorder; lives on rank 0 only."""
 
@@ -164,11 +169,9 @@ class _Tap:
             self.best = (self.rec.read().get("progress") or {}).get("best")
         if trainer.start_epoch:
             self.rec.event("resumed", from_epoch=trainer.start_epoch + 1, iteration=self.iteration)
-        data = self.rec.read()
-        batch = {**data.get("batch", {}), "used": trainer.batch_size}
+        self.rec.merge("batch", used=trainer.batch_size)
         groups = trainer.optimizer.param_groups
         self.rec.update(
-            batch=batch,
             nbs=trainer.args.nbs,
             accumulate=trainer.accumulate,
             optimizer=type(trainer.optimizer).__name__,
@@ -191,9 +194,8 @@ class _Tap:
                                epoch_iteration=failed_at, phase="training",
                                action="batch halved by Ultralytics, epoch restarted",
                                discarded_iterations=discarded, **{"from": self._epoch_batch, "to": trainer.batch_size})
-                data = self.rec.read()
-                self.rec.update(batch={**data.get("batch", {}), "used": trainer.batch_size},
-                                accumulate=trainer.accumulate, iterations_per_epoch=len(trainer.train_loader))
+                self.rec.merge("batch", used=trainer.batch_size)
+                self.rec.update(accumulate=trainer.accumulate, iterations_per_epoch=len(trainer.train_loader))
             else:  # NaN recovery reloaded last.pt: the aborted updates are undone
                 self._restore(last)
                 self.rec.event("epoch_restarted", epoch=epoch, reason="NaN/Inf loss, weights reloaded from last.pt",
@@ -237,17 +239,13 @@ class _Tap:
     def on_fit_epoch_end(self, trainer) -> None:
         names = list(trainer.loss_names)
         m = trainer.metrics or {}
+        metrics = {ours: m.get(theirs) for ours, theirs in _METRIC_KEYS.items()}
         if self.in_final:  # the extra call after validating best.pt: not an epoch
-            self.rec.update(final={
-                "weights": str(trainer.best), "precision": m.get("metrics/precision(B)"),
-                "recall": m.get("metrics/recall(B)"), "map50": m.get("metrics/mAP50(B)"),
-                "map50_95": m.get("metrics/mAP50-95(B)"),
-            })
+            self.rec.update(final={"weights": str(trainer.best), **metrics})
             return
         row = {f"train_{k}": float(v) for k, v in (trainer.tloss or {}).items()}
         if self.validated:
-            row.update(precision=m.get("metrics/precision(B)"), recall=m.get("metrics/recall(B)"),
-                       map50=m.get("metrics/mAP50(B)"), map50_95=m.get("metrics/mAP50-95(B)"))
+            row.update(metrics)
             row.update({f"val_{k}": m.get(f"val/{k}") for k in names})
         row.update(
             epoch=trainer.epoch + 1, lr=float(trainer.lr.get("lr/pg0", 0.0)), epoch_time_s=trainer.epoch_time,
@@ -385,7 +383,6 @@ def augment_sample(transforms: list[dict], image, boxes_xyxy, cls, seed: int = 0
 
 def check_augmentations(transforms: list[dict], imgsz: int, source: str) -> None:
     """Dry-run a pipeline through Ultralytics' own Albumentations step; raise AugmentError if it cannot train."""
-
     said: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: said.append(record.getMessage())
@@ -746,7 +743,6 @@ def fake_device_memory(images: int, epoch: int | None = None, epoch_iteration: i
     validation pass over more than val_above (default: above), raises PyTorch's real
     out-of-memory error. Unset, this does nothing.
     """
-
     spec = os.environ.get(FAKE_OOM_ENV)
     if not spec:
         return
@@ -760,7 +756,6 @@ def fake_device_memory(images: int, epoch: int | None = None, epoch_iteration: i
 
 def release_device_memory() -> None:
     """Collect garbage and hand cached CUDA blocks back, after an out-of-memory error or a probe."""
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

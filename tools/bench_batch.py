@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     from detector import train as training
 
     config = _config(args, args.models.split(",")[0])
-    config, data = training.prepare(config, echo=print)
+    config, data, _ = training.prepare(config, echo=print)
     device = yolo.device_info(args.device)
     where = "CPU" if device["type"] == "cpu" else f"{device['name']} ({device['total_memory_gb']:.1f} GB)"
     print(f"dataset {data.yaml}: {data.train_images} training images; device {where}")
