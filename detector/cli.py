@@ -95,10 +95,14 @@ def main():
               help="Batch sizes --batch auto chooses from on a GPU, and steps down through after out-of-memory.")
 @click.option("--batch-safety", type=float, default=0.85, show_default=True,
               help="Share of GPU memory the measured peak of --batch auto may use (see 'detector batch --help').")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write TensorBoard event files to PROJECT/NAME/tensorboard/ (needs detector[tensorboard]).")
+@click.option("--no-grad-stats", is_flag=True,
+              help="Do not measure the gradient noise scale (epochs.csv grad_* columns stay empty).")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @_report_errors
 def train(data, model, epochs, imgsz, batch, device, workers, seed, name, project, resume, augment, batch_candidates,
-          batch_safety, overrides):
+          batch_safety, tensorboard, no_grad_stats, overrides):
     """Train a detector and record every iteration and epoch under PROJECT/NAME.
 
     Any other Ultralytics training argument can follow as KEY=VALUE
@@ -114,13 +118,14 @@ def train(data, model, epochs, imgsz, batch, device, workers, seed, name, projec
 
     Writes runs/NAME/run.json, iterations.csv, epochs.csv and weights/best.pt.
     """
-    from detector import train as training
+    from detector.config import BatchOptions, TrainConfig, parse_overrides
+    from detector.train import run as training
 
-    config = training.TrainConfig(
-        data=data, model=model, epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
-        seed=seed, name=name, project=project, resume=resume, overrides=training.parse_overrides(overrides),
-        augment=augment, command=tuple(_command_line()),
-        batch_candidates=_candidates(batch_candidates), batch_safety=batch_safety,
+    config = TrainConfig(
+        data=data, model=model, epochs=epochs, imgsz=imgsz, device=device, workers=workers, seed=seed, name=name,
+        project=project, resume=resume, overrides=parse_overrides(overrides), augment=augment,
+        command=tuple(_command_line()), batch=BatchOptions.parse(batch, batch_candidates, batch_safety),
+        tensorboard=tensorboard, grad_stats=not no_grad_stats,
     )
     run_dir = training.run(config, echo=click.echo)
     click.echo(f"Results: {run_dir}/run.json, iterations.csv, epochs.csv, weights/best.pt")
@@ -142,7 +147,7 @@ def datasets():
 
 def _show_check(result, as_json: bool) -> None:
     """Print a check result (text or JSON) and fail with one line when it found errors."""
-    from detector import dataset_check
+    from detector.data import check as dataset_check
 
     if as_json:
         import json
@@ -171,8 +176,8 @@ def datasets_check(data, as_json):
         detector datasets check ../shared/data/coco128/coco128.yaml
         detector datasets check data.yaml --json > check.json
     """
-    from detector import dataset_check
-    from detector import datasets as ds
+    from detector.data import check as dataset_check
+    from detector.data import spec as ds
 
     _show_check(dataset_check.check(ds.load(data)), as_json)
 
@@ -203,8 +208,9 @@ def datasets_convert(fmt, annotations, images_dir, out, split, keep_crowd, keep_
             --images val2017 --out coco-yolo
         detector datasets convert --from voc VOC2012/Annotations --images VOC2012/JPEGImages --out voc-yolo
     """
-    from detector import dataset_check, dataset_convert
-    from detector import datasets as ds
+    from detector.data import check as dataset_check
+    from detector.data import convert as dataset_convert
+    from detector.data import spec as ds
 
     result = dataset_convert.convert(fmt, annotations, images_dir, out, split, keep_crowd=keep_crowd,
                                      keep_difficult=keep_difficult, link=symlink)
@@ -231,7 +237,8 @@ def datasets_synth(images, imgsz, seed, out):
         detector datasets synth                         # the cached built-in dataset
         detector datasets synth --images 200 --imgsz 96 --seed 1 --out shapes96
     """
-    from detector import runtime, synth
+    from detector import runtime
+    from detector.data import synth
 
     spec = synth.spec_for(images, imgsz, seed)
     data_yaml = synth.ensure(spec, runtime.datasets_cache()) if out is None else synth.generate_into(spec, out)
@@ -262,7 +269,7 @@ def augment_check(pipeline, imgsz):
     Example:
         detector augment check my_pipeline.yaml --imgsz 640
     """
-    from detector import augment as aug
+    from detector.augment import pipelines as aug
 
     click.echo(f"ok: {aug.resolve(pipeline, imgsz).describe()}")
 
@@ -294,11 +301,11 @@ def augment_preview(data, pipeline, batch, seed, imgsz, out, overrides):
 
     Writes OUT: a grid of BATCH tiles of IMGSZ x IMGSZ pixels.
     """
-    from detector import preview as pv
-    from detector import train as training
+    from detector.augment import preview as pv
+    from detector.config import parse_overrides
 
     req = pv.PreviewRequest(out=out, data=data, augment=pipeline, batch=batch, seed=seed, imgsz=imgsz,
-                            overrides=training.parse_overrides(overrides))
+                            overrides=parse_overrides(overrides))
     shown = pv.preview(req)
     click.echo(f"{shown['pipeline']}")
     click.echo(f"wrote {shown['out']}: {shown['images']} images, {shown['boxes']} boxes, "
@@ -325,7 +332,7 @@ def compare(run_dirs, out):
 
     Writes OUT/report.html (one self-contained file), OUT/report.md and OUT/plots/*.png.
     """
-    from detector import report
+    from detector.report import render as report
 
     html = report.compare(run_dirs, out if out is not None else report.default_out(run_dirs))
     click.echo(f"Report: {html} (Markdown: {html.with_name(report.REPORT_MD)}, plots in {html.parent / 'plots'})")
@@ -350,10 +357,11 @@ def compare(run_dirs, out):
 @click.option("--name", default=None, help="Sweep folder name. Default: sweep-b<batches> (so a re-run continues it).")
 @click.option("--project", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Folder that holds the sweep folder.")
+@click.option("--no-grad-stats", is_flag=True, help="Do not measure the gradient noise scale in the runs.")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @_report_errors
 def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, device, workers, augment, name, project,
-          overrides):
+          no_grad_stats, overrides):
     """Train one run per batch size and seed in one folder, then write the comparison there.
 
     Runs are PROJECT/NAME/b<batch>-s<seed>. Running the same command again
@@ -367,12 +375,13 @@ def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, dev
 
     Writes PROJECT/NAME/sweep.json, one run folder per batch and seed, report.html, report.md and plots/.
     """
-    from detector import sweep as sweeping
-    from detector import train as training
+    from detector.config import TrainConfig, parse_overrides
+    from detector.train import sweep as sweeping
 
-    template = training.TrainConfig(
+    template = TrainConfig(
         data=data, model=model, epochs=epochs, imgsz=imgsz, device=device, workers=workers, project=project,
-        overrides=training.parse_overrides(overrides), augment=augment, command=tuple(_command_line()),
+        overrides=parse_overrides(overrides), augment=augment, command=tuple(_command_line()),
+        grad_stats=not no_grad_stats,
     )
     config = sweeping.SweepConfig(
         batches=sweeping.parse_ints(batches, "--batch", minimum=1), seeds=sweeping.parse_ints(seeds, "--seeds"),
@@ -418,7 +427,7 @@ def export_cmd(source, fmt, imgsz, half, dynamic, simplify, opset, out, images, 
     Writes the exported model and export.json (format, imgsz, opset, file size,
     parity figures, latency) beside it.
     """
-    from detector import export as exporting
+    from detector.deploy import export as exporting
 
     config = exporting.ExportConfig(
         source=source, format=fmt.lower(), imgsz=imgsz, half=half, dynamic=dynamic, simplify=simplify, opset=opset,
@@ -454,21 +463,43 @@ def predict(weights, source, out, conf, iou, imgsz, device, no_images):
     category_name, bbox [x, y, w, h] in pixels, score), OUT/predictions.csv and
     OUT/images/ (annotated copies).
     """
-    from detector import predict as predicting
+    from detector.deploy import predict as predicting
 
     config = predicting.PredictConfig(weights=weights, source=source, out=out, conf=conf, iou=iou, imgsz=imgsz,
                                       device=device, save_images=not no_images)
     predicting.run(config, echo=click.echo)
 
 
+# ---- tensorboard: event files from a run's records (issue 14) ----
+
+@main.command(name="tensorboard")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_DIR...")
+@_report_errors
+def tensorboard_cmd(run_dirs):
+    """Write TensorBoard event files for runs trained without --tensorboard (or rewrite them).
+
+    Every iteration's and epoch's recorded values (iterations.csv, epochs.csv)
+    become scalars, the run's configuration becomes HParams. A sweep folder
+    stands for the runs inside it. Needs detector[tensorboard]; offline.
+
+    \b
+    Examples:
+        detector tensorboard runs/demo
+        detector tensorboard runs/sweep-b16-32-64 && tensorboard --logdir runs
+
+    Writes RUN_DIR/tensorboard/ (replacing what was there).
+    """
+    from detector.record import reader, tensorboard
+
+    found = reader.find(run_dirs)
+    for run_dir in found:
+        reader.load(run_dir)  # every folder checked before any is written
+    for run_dir in found:
+        done = tensorboard.write(run_dir)
+        click.echo(f"{done['path']}: {done['iterations']} iterations, {done['epochs']} epochs")
+
+
 # ---- batch: the --batch auto decision as a dry run (issue 3) ----
-
-def _candidates(text: str) -> tuple:
-    """--batch-candidates as sorted distinct batch sizes (a UsageError for anything else)."""
-    from detector import batching
-
-    return batching.parse_candidates(text)
-
 
 @main.command(name="batch", context_settings={"ignore_unknown_options": False})
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -502,12 +533,11 @@ def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, overri
 
     Writes no run folder; `detector train` records the same table in run.json's `batch`.
     """
-    from detector import autobatch
-    from detector import train as training
+    from detector.config import BatchOptions, TrainConfig, parse_overrides
+    from detector.train import autobatch
 
-    config = training.TrainConfig(data=data, model=model, imgsz=imgsz, device=device,
-                                  overrides=training.parse_overrides(overrides),
-                                  batch_candidates=_candidates(batch_candidates), batch_safety=batch_safety)
+    config = TrainConfig(data=data, model=model, imgsz=imgsz, device=device, overrides=parse_overrides(overrides),
+                         batch=BatchOptions.parse("auto", batch_candidates, batch_safety))
     autobatch.dry_run(config, echo=click.echo)
 
 

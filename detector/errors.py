@@ -60,3 +60,22 @@ class DeviceOutOfMemory(BatchError):
         super().__init__(message)
         self.batch, self.epoch, self.iteration = batch, epoch, iteration
         self.epoch_iteration, self.phase = epoch_iteration, phase
+
+
+class DiskFull(DetectorError):
+    """No space left on the device a run writes to."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """True for 'no space left on device' (or quota) errors anywhere in error's chain of causes."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):  # torch.save reports ENOSPC inside a RuntimeError's text
+            return True
+        error = error.__cause__ or error.__context__
+    return False

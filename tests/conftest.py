@@ -89,7 +89,7 @@ def run_cli(args: list[str], tmp_path: Path | None = None, timeout: float = 600,
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A real built-in-style dataset small enough for seconds of training: 40 train, 16 val at 64 px."""
-    from detector import synth
+    from detector.data import synth
 
     out = tmp_path_factory.mktemp("tiny-data") / "shapes"
     return synth.generate(synth.SynthSpec(train_images=40, val_images=16, imgsz=64, seed=3), out)

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from detector import augment, datasets, preview, yolo
+from detector.augment import pipelines as augment
+from detector.data import spec as datasets
+from detector.augment import preview
+from detector.yolo import loader
 from detector.cli import main
 from detector.errors import AugmentError
 
@@ -63,7 +66,7 @@ def test_flip_and_crop_keep_the_box_on_the_object(tmp_path):
     pipeline = augment.resolve(file, size)
     moved = []
     for seed in range(5):
-        out_image, out_boxes, out_cls = yolo.augment_sample(list(pipeline.transforms), image.copy(), [box], [2],
+        out_image, out_boxes, out_cls = loader.augment_sample(list(pipeline.transforms), image.copy(), [box], [2],
                                                             seed=seed)
         assert out_image.shape == (size, size, 3)
         assert list(out_cls) == [2] and len(out_boxes) == 1
@@ -79,7 +82,7 @@ def test_flip_and_crop_keep_the_box_on_the_object(tmp_path):
 def first_batch(tiny_data: Path, tmp_path: Path, seed: int) -> dict:
     data_yaml = datasets.load(tiny_data).write_resolved(tmp_path / f"data-{seed}.yaml")
     pipeline = augment.resolve("heavy", 64)
-    return yolo.augmented_batch(data_yaml, list(pipeline.transforms), 64, 8, seed=seed, overrides={"mosaic": 1.0})
+    return loader.augmented_batch(data_yaml, list(pipeline.transforms), 64, 8, seed=seed, overrides={"mosaic": 1.0})
 
 
 def test_same_seed_same_batch(tiny_data, tmp_path):
@@ -167,7 +170,7 @@ def test_presets_are_valid_and_ultralytics_preset_is_its_default():
     for name in augment.PRESETS:
         assert augment.preset_path(name).is_file()
         augment.resolve(name, 64)
-    assert list(augment.resolve("ultralytics", 640).transforms) == yolo.default_albumentations()
+    assert list(augment.resolve("ultralytics", 640).transforms) == loader.default_albumentations()
     assert augment.resolve("none", 64).transforms == ()
 
 
@@ -186,7 +189,7 @@ def test_preview_writes_a_grid_of_the_batch(tiny_data, tmp_path):
     assert "wrote" in result.output and "5 images" in result.output
     assert (grid[64:, 128:] == 114).all()  # the sixth tile is empty
     # boxes were drawn: the same batch drawn without boxes differs
-    batch = yolo.augmented_batch(datasets.load(tiny_data).write_resolved(tmp_path / "d.yaml"),
+    batch = loader.augmented_batch(datasets.load(tiny_data).write_resolved(tmp_path / "d.yaml"),
                                  list(augment.resolve("light", 64).transforms), 64, 5, seed=3)
     bare = preview.draw_grid({**batch, "cls": batch["cls"][:0], "batch_idx": batch["batch_idx"][:0],
                               "bboxes": batch["bboxes"][:0]})

@@ -1,7 +1,7 @@
 """--batch auto: the pure decision (tables), the plan arithmetic, `detector batch`, and out-of-memory step-down.
 
 There is no GPU here: the decision is tested as the pure function it is; the probe's
-steps run on CPU with the fake device memory of yolo.fake_device_memory; training
+steps run on CPU with the small GPU faked by tests/fakes.py (out-of-memory injected at the seams); training
 step-down runs a real tiny training whose fake device raises PyTorch's real
 out-of-memory error.
 """
@@ -16,12 +16,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from detector import autobatch, batching, datasets
-from detector.batching import Measurement as M
+from detector import config, facts
+from detector.train import autobatch
+from detector.train import batching
+from detector.data import spec as datasets
+from detector.train.batching import Measurement as M
 from detector.cli import main
 from detector.errors import BatchError, UsageError
 
 from .conftest import run_cli
+from .fakes import small_gpu
 
 REAL_OOM = ("CUDA out of memory. Tried to allocate 2.00 MiB. GPU 0 has a total capacity of 7.79 GiB of which "
             "1.06 MiB is free. Of the allocated memory 6.90 GiB is allocated by PyTorch")
@@ -161,13 +165,13 @@ def test_safety_fraction_outside_0_1_is_refused(safety):
 @pytest.mark.parametrize("text, expected", [("16,32,64", (16, 32, 64)), ("64, 16,32,16", (16, 32, 64)),
                                             ("8", (8,)), ((32, 16), (16, 32))])
 def test_parse_candidates(text, expected):
-    assert batching.parse_candidates(text) == expected
+    assert config.parse_candidates(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "a,b", "0,16", "-8", "16;32"])
 def test_parse_candidates_refuses(text):
     with pytest.raises(UsageError, match="--batch-candidates"):
-        batching.parse_candidates(text)
+        config.parse_candidates(text)
 
 
 @pytest.mark.parametrize("current, expected", [(64, 32), (32, 16), (16, None), (48, 32), (8, None), (100, 64)])
@@ -191,7 +195,7 @@ def test_label_load_never_zero():
 @pytest.mark.parametrize("imgsz, overrides, expected", [(640, {}, 640), (640, {"multi_scale": 0.5}, 960),
                                                         (100, {}, 128), (64, {"multi_scale": 0.25}, 96)])
 def test_probe_imgsz(imgsz, overrides, expected):
-    assert autobatch.probe_imgsz(imgsz, overrides) == expected
+    assert facts.largest_training_imgsz(imgsz, overrides) == expected
 
 
 def test_densest_labels_counts_label_files_without_the_check(tiny_data):
@@ -206,31 +210,31 @@ def test_densest_labels_counts_label_files_without_the_check(tiny_data):
 
 
 def test_is_out_of_memory_matches_pytorch_errors_only():
-    from detector import yolo
+    from detector.yolo import trainer
 
-    assert yolo.is_out_of_memory(torch.OutOfMemoryError(REAL_OOM))
-    assert yolo.is_out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
-    assert yolo.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
-    assert not yolo.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"))
-    assert not yolo.is_out_of_memory(ValueError("out of memory"))
+    assert trainer.is_out_of_memory(torch.OutOfMemoryError(REAL_OOM))
+    assert trainer.is_out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
+    assert trainer.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not trainer.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"))
+    assert not trainer.is_out_of_memory(ValueError("out of memory"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; this machine has CUDA")
 def test_probe_never_runs_without_cuda():
-    from detector import yolo
+    from detector.yolo import probe
 
     with pytest.raises(UsageError, match="needs a CUDA device"):
-        yolo.probe_batch_memory("yolo11n.yaml", 3, 64, (16,))
+        probe.probe_batch_memory("yolo11n.yaml", 3, 64, (16,))
 
 
 def test_probe_steps_stop_at_the_first_candidate_that_runs_out(monkeypatch):
     """The probe's real steps (model, loss, backward, optimizer, validation at 2x) on CPU, with a fake 8-image GPU."""
-    from detector import yolo
+    from detector.yolo import probe
 
-    monkeypatch.setenv(yolo.FAKE_OOM_ENV, "above=8")
-    out = yolo._probe_candidates("yolo11n.yaml", 3, 64, (2, 4, 8, 16), torch.device("cpu"), 12, 3, True, None)
+    small_gpu(monkeypatch, above=8)
+    out = probe._probe_candidates("yolo11n.yaml", 3, 64, (2, 4, 8, 16), torch.device("cpu"), 12, 3, True, None)
     # batch 8 trains (8 images) but validates 16: out of memory there; 16 is never tried
-    assert [(m.batch, m.oom) for m in out] == [(2, None), (4, None), (8, "validation")]
+    assert [(m["batch"], m["oom"]) for m in out] == [(2, None), (4, None), (8, "validation")]
 
 
 # -- detector batch ---------------------------------------------------------------------------------------------
@@ -289,11 +293,10 @@ def _consistent(run: Path, epochs: int) -> list[dict]:
 
 
 def test_oom_in_a_later_epoch_steps_down_and_resumes(tiny_data, tmp_path, monkeypatch):
-    from detector import yolo
 
     # From epoch 2, iteration 2 on, the device holds only 8 training images (16 validating at 2x the batch);
     # Ultralytics halves only in the first epoch, so it re-raises there.
-    monkeypatch.setenv(yolo.FAKE_OOM_ENV, "above=8,val_above=16,epoch=2,iteration=2")
+    small_gpu(monkeypatch, above=8, val_above=16, epoch=2, iteration=2)
     result = _train(tiny_data, tmp_path, "oom", "--epochs", "3", "--batch-candidates", "8,16,32")
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "out of memory at batch 16 (epoch 2 training, iteration 5); resuming" in result.output
@@ -313,10 +316,9 @@ def test_oom_in_a_later_epoch_steps_down_and_resumes(tiny_data, tmp_path, monkey
 
 
 def test_oom_in_first_validation_restarts_from_scratch(tiny_data, tmp_path, monkeypatch):
-    from detector import yolo
 
     # Training at 16 fits; validation runs at 32 and does not; no checkpoint exists yet.
-    monkeypatch.setenv(yolo.FAKE_OOM_ENV, "above=16,epoch=1")
+    small_gpu(monkeypatch, above=16, epoch=1)
     result = _train(tiny_data, tmp_path, "val-oom", "--epochs", "1", "--batch-candidates", "8,16")
     assert result.exit_code == 0, result.output + repr(result.exception)
     run = tmp_path / "val-oom"
@@ -329,9 +331,8 @@ def test_oom_in_first_validation_restarts_from_scratch(tiny_data, tmp_path, monk
 
 
 def test_oom_with_no_smaller_candidate_fails_clearly(tiny_data, tmp_path, monkeypatch):
-    from detector import yolo
 
-    monkeypatch.setenv(yolo.FAKE_OOM_ENV, "above=8,val_above=32,epoch=2")
+    small_gpu(monkeypatch, above=8, val_above=32, epoch=2)
     result = _train(tiny_data, tmp_path, "no-room", "--epochs", "2", "--batch-candidates", "16")
     assert result.exit_code == 1
     assert "out of memory at batch 16 (epoch 2 training, iteration 4) and no smaller candidate" in result.output

@@ -36,7 +36,7 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def gpu_data(tmp_path_factory) -> Path:
     """128 training images, so batch 64 is a full batch (the images are small; Ultralytics scales them up)."""
-    from detector import synth
+    from detector.data import synth
 
     out = tmp_path_factory.mktemp("gpu-data") / "shapes"
     return synth.generate(synth.SynthSpec(train_images=128, val_images=32, imgsz=64, seed=5), out)
@@ -51,17 +51,17 @@ def _train(data: Path, project: Path, name: str, *args: str):
 
 
 def test_probe_measures_every_fitting_candidate_and_leaves_nothing_behind():
-    from detector import yolo
+    from detector.yolo import probe
 
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(0)
     started = time.perf_counter()
-    ms = yolo.probe_batch_memory("yolo11n.yaml", 3, IMGSZ, (16, 32, 64), 0, train_labels=40, val_labels=10)
+    ms = probe.probe_batch_memory("yolo11n.yaml", 3, IMGSZ, (16, 32, 64), 0, train_labels=40, val_labels=10)
     seconds = time.perf_counter() - started
     print(f"\nprobe yolo11n imgsz {IMGSZ}: {seconds:.1f} s; " + "; ".join(
-        f"{m.batch}: train {m.train_peak_gb}, val {m.val_peak_gb}, oom {m.oom}" for m in ms))
-    fitted = [m for m in ms if not m.oom]
-    assert fitted and all(m.train_peak_gb > 0 and m.val_peak_gb > 0 for m in fitted)
+        f"{m['batch']}: train {m['train_peak_gb']}, val {m['val_peak_gb']}, oom {m['oom']}" for m in ms))
+    fitted = [m for m in ms if not m["oom"]]
+    assert fitted and all(m["train_peak_gb"] > 0 and m["val_peak_gb"] > 0 for m in fitted)
     peaks = [m.peak_gb for m in fitted]
     assert peaks == sorted(peaks), "memory should grow with the batch"
     torch.cuda.synchronize()
@@ -100,9 +100,9 @@ def _shrink_memory_after_first_epoch(run: Path, limit_gb: float, done: threading
 
 
 def test_real_out_of_memory_in_a_later_epoch_steps_down(gpu_data, tmp_path):
-    from detector import yolo
+    from detector.yolo import probe
 
-    ms = {m.batch: m for m in yolo.probe_batch_memory("yolo11n.yaml", 3, IMGSZ, (32, 64), 0, 40, 10)}
+    ms = {m["batch"]: m for m in probe.probe_batch_memory("yolo11n.yaml", 3, IMGSZ, (32, 64), 0, 40, 10)}
     if 64 not in ms or ms[64].oom:
         pytest.skip("batch 64 does not fit this GPU at all; the test needs 64 to fit at first")
     limit = (ms[32].peak_gb + ms[64].peak_gb) / 2  # 32 fits under it, 64 does not

@@ -14,7 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from .conftest import run_cli
-from detector import dataset_check, datasets
+from detector.data import check as dataset_check
+from detector.data import spec as datasets
 from detector.cli import main
 
 

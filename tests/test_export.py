@@ -13,7 +13,9 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from detector import export, parity, sources
+from detector.deploy import export
+from detector.deploy import parity
+from detector.data import sources
 from detector.cli import main
 
 from .conftest import run_cli

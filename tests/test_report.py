@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from detector import analysis, report, runs, sweep
+from detector.report import analysis
+from detector.report import render as report
+from detector.record import reader as runs
+from detector.train import sweep
 from detector.errors import RunDirError, UsageError
-from detector.recorder import Recorder
-from detector.train import TrainConfig
+from detector.record.writer import Recorder
+from detector.config import TrainConfig
 from tests.conftest import run_cli
 
 LOSSES = ["box_loss", "cls_loss", "dfl_loss"]
@@ -111,7 +114,7 @@ def test_running_and_empty_runs_are_reported_as_far_as_they_go(tmp_path):
     assert "| epochs (done / planned) | 2 / 2 | 1 / 2 | 0 / 2 |" in md
     assert "| status | completed | running | running |" in md
     assert html.is_file() and (out / "plots" / "loss_vs_images.png").is_file()
-    from detector import plots
+    from detector.report import plots
 
     assert plots.label(runs.load(live)) == "b32 (running)"  # what the plots' legends show
 

@@ -23,18 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _config(args, model: str):
-    from detector import batching
-    from detector import train as training
+    from detector.config import BatchOptions, TrainConfig, with_builtin_defaults
 
-    config = training.TrainConfig(data=args.data, model=model, imgsz=args.imgsz, device=args.device,
-                                  batch_candidates=batching.parse_candidates(args.candidates),
-                                  batch_safety=args.safety)
-    return training.with_builtin_defaults(config)
+    config = TrainConfig(data=args.data, model=model, imgsz=args.imgsz, device=args.device,
+                         batch=BatchOptions.parse("auto", args.candidates, args.safety))
+    return with_builtin_defaults(config)
 
 
 def bench_model(args, model: str, data, device: dict) -> None:
     """Probe and decide for one model; on a GPU also run Ultralytics' AutoBatch and time both."""
-    from detector import autobatch, batching, yolo
+    import helpers
+    from detector.errors import BatchError
+    from detector.train import autobatch
+    from detector.yolo import checks, probe
 
     config = _config(args, model)
     started = time.perf_counter()
@@ -42,14 +43,14 @@ def bench_model(args, model: str, data, device: dict) -> None:
         decision = autobatch.decide(config, data, device, echo=lambda line: None)
         print(f"\n{model} at imgsz {config.imgsz}: decided in {time.perf_counter() - started:.1f} s")
         print(autobatch.describe(decision))
-    except batching.BatchError as e:  # nothing fits: still a result worth printing
+    except BatchError as e:  # nothing fits: still a result worth printing
         print(f"\n{model} at imgsz {config.imgsz}: {e}")
     if device["type"] != "cuda":
         return
-    index = yolo.cuda_devices(config.device)[0]["index"]
+    index = probe.cuda_devices(config.device)[0]["index"]
     densest = autobatch.densest_labels(data)
     started = time.perf_counter()
-    chosen = yolo.ultralytics_autobatch(yolo.check_model(model), len(data.names), config.imgsz, index,
+    chosen = helpers.ultralytics_autobatch(checks.check_model(model), len(data.names), config.imgsz, index,
                                         max_num_obj=densest * 4, dataset_size=data.train_images)
     print(f"Ultralytics AutoBatch: batch {chosen} in {time.perf_counter() - started:.1f} s")
 
@@ -64,12 +65,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--safety", type=float, default=0.85)
     args = parser.parse_args(argv)
 
-    from detector import batching, yolo
-    from detector import train as training
+    from detector.train import batching
+    from detector.train.preflight import prepare
+    from detector.yolo import checks
 
     config = _config(args, args.models.split(",")[0])
-    config, data, _ = training.prepare(config, echo=print)
-    device = yolo.device_info(args.device)
+    config, data, _ = prepare(config, echo=print)
+    device = checks.device_info(args.device)
     where = "CPU" if device["type"] == "cpu" else f"{device['name']} ({device['total_memory_gb']:.1f} GB)"
     print(f"dataset {data.yaml}: {data.train_images} training images; device {where}")
     if device["type"] != "cuda":
@@ -77,7 +79,7 @@ def main(argv: list[str]) -> None:
               "(what --batch auto would also show) follows, with 'auto' = 16 on CPU")
     for model in args.models.split(","):
         bench_model(args, model.strip(), data, device)
-    print("\n" + batching.explain(data.train_images, int(config.overrides.get("nbs", batching.NBS))))
+    print("\n" + batching.explain(data.train_images, config.nbs))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def _time(fn, repeat: int) -> list[float]:
 
 def bench(yaml_path: Path, repeat: int = 5) -> None:
     """Print full-check and cached-check times (dataset load included) for one data YAML."""
-    from detector import dataset_check, datasets
+    from detector.data import check as dataset_check
+    from detector.data import spec as datasets
 
     full = _time(lambda: dataset_check.check(datasets.load(yaml_path)), repeat)
     dataset_check.cached_check(datasets.load(yaml_path))  # fill the cache
@@ -43,7 +44,8 @@ def bench(yaml_path: Path, repeat: int = 5) -> None:
 def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-check-") as home:
         os.environ["DETECTOR_HOME"] = home
-        from detector import runtime, synth
+        from detector import runtime
+        from detector.data import synth
 
         targets = [Path(a) for a in argv] or [p for p in (COCO128,) if p.exists()]
         if not argv:

@@ -43,13 +43,14 @@ def bench(weights: Path, imgsz: int, batch: int, workdir: Path, warmup: int, rep
     """Per-image milliseconds of PyTorch and ONNX Runtime for one (imgsz, batch) shape."""
     import numpy as np
 
-    from detector import export, yolo
+    from detector.deploy import export
+    from detector.yolo import inference
 
     pt = workdir / f"{weights.stem}-{imgsz}-b{batch}.pt"
     pt.write_bytes(weights.read_bytes())  # each shape exports beside its own copy, so files never collide
-    onnx_file = yolo.export_model(pt, "onnx", imgsz, batch=batch)
+    onnx_file = inference.export_model(pt, "onnx", imgsz, batch=batch)
     x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
-    ms = _race({"pt": yolo.torch_forward(weights, imgsz), "onnx": export.onnx_forward(onnx_file, threads)},
+    ms = _race({"pt": inference.torch_forward(weights, imgsz), "onnx": export.onnx_forward(onnx_file, threads)},
                x, warmup, repeat)
     return {"imgsz": imgsz, "batch": batch, "pt": ms["pt"] / batch, "onnx": ms["onnx"] / batch}
 
@@ -71,10 +72,10 @@ def main() -> None:
         import onnxruntime
         import torch
 
-        from detector import yolo
+        import helpers
 
         torch.set_num_threads(args.threads)  # after Ultralytics' import, which lowers it
-        weights = args.weights or yolo.save_fresh_model(args.model, Path(tmp) / f"{Path(args.model).stem}.pt")
+        weights = args.weights or helpers.save_fresh_model(args.model, Path(tmp) / f"{Path(args.model).stem}.pt")
         rows = [bench(weights, s, b, Path(tmp), args.warmup, args.repeat, args.threads)
                 for s in args.imgsz for b in args.batch]
     print(f"\n{weights.name}: CPU, torch {torch.__version__} and onnxruntime {onnxruntime.__version__}, "

@@ -4,7 +4,7 @@ Each configuration runs in a fresh process, so its peak RSS is its own:
 
   decode       cv2.imread + resize of the long side to imgsz, as Ultralytics' load_image does (the ceiling)
   stock        Ultralytics' training loader exactly as it ships (its own Albumentations set, its own collate)
-  default      the same with the collate detector trains with (one PyTorch thread: detector.yolo.single_thread_collate)
+  default      the same with the collate detector trains with (one PyTorch thread: detector.yolo.loader.single_thread_collate)
   PRESET       the same loader with a detector preset: none, ultralytics, light, heavy
   FILE         the same loader with a pipeline file written by A.save
 
@@ -96,9 +96,10 @@ def step_cpu_ms(files: list[str], transforms, imgsz: int, passes: int = 4) -> fl
     import cv2
     import numpy as np
 
-    from detector import datasets, yolo
+    from detector.data import spec as datasets
+    from detector.yolo import loader as yolo_loader
 
-    step = yolo.albumentations_step(transforms)
+    step = yolo_loader.albumentations_step(transforms)
     samples = []
     for f in files[:32]:
         im = cv2.resize(cv2.imread(f), (imgsz, imgsz), interpolation=cv2.INTER_LINEAR)
@@ -122,7 +123,8 @@ def per_transform(data_yaml: Path, pipelines: list[str], imgsz: int) -> None:
     """Print the Albumentations step's CPU ms/image for each transform of the pipelines, forced to p=1."""
     import albumentations as A
 
-    from detector import augment, datasets
+    from detector.augment import pipelines as augment
+    from detector.data import spec as datasets
 
     files = datasets.load(data_yaml).splits["train"]
     print("\n| transform (p=1) | from | step CPU ms/image | its p | expected ms/image at its p |")
@@ -141,21 +143,28 @@ def per_transform(data_yaml: Path, pipelines: list[str], imgsz: int) -> None:
 
 def child(spec: dict) -> dict:
     """Measure one configuration in this process and return its figures."""
-    from detector import augment, datasets
+    from detector.augment import pipelines as augment
+    from detector.data import spec as datasets
 
     data = datasets.load(spec["data"])
     if spec["pipeline"] == "decode":
         loader = _decode_loader(data.splits["train"], spec["imgsz"], spec["batch"], spec["workers"])
     else:
-        from detector import yolo
+        import helpers
+        from detector.yolo import loader as yolo_loader
 
         transforms = None if spec["pipeline"] in {"default", "stock"} else list(
             augment.resolve(spec["pipeline"], spec["imgsz"]).transforms)
         with tempfile.TemporaryDirectory() as tmp:
             data_yaml = data.write_resolved(Path(tmp) / "data.yaml")
-            _, loader, _ = yolo.training_loader(data_yaml, transforms, spec["imgsz"], spec["batch"],
-                                                workers=spec["workers"], overrides={"cache": spec["cache"]},
-                                                stock_collate=spec["pipeline"] == "stock")
+            if spec["pipeline"] == "stock":
+                _, loader, _ = helpers.stock_training_loader(data_yaml, spec["imgsz"], spec["batch"],
+                                                             workers=spec["workers"],
+                                                             overrides={"cache": spec["cache"]})
+            else:
+                _, loader, _ = yolo_loader.training_loader(data_yaml, transforms, spec["imgsz"], spec["batch"],
+                                                           workers=spec["workers"],
+                                                           overrides={"cache": spec["cache"]})
     want = spec["images"] or data.train_images  # 0: exactly one pass over the training set
     seen, started, it = 0, None, iter(loader)
     batches = 0
@@ -193,7 +202,7 @@ def repeated_dataset(data_yaml: Path, n: int, root: Path) -> Path:
     """A dataset of n training images: the source's images (and labels) symlinked over and over under root."""
     import yaml
 
-    from detector import datasets
+    from detector.data import spec as datasets
 
     src = datasets.load(data_yaml)
     (root / "images" / "train").mkdir(parents=True)

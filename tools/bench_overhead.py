@@ -22,8 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import datasets, runtime, synth  # noqa: E402
-from detector.recorder import Recorder  # noqa: E402
+import helpers  # noqa: E402  (tools/helpers.py: prepares the runtime first)
+
+from detector import runtime  # noqa: E402
+from detector.data import spec as datasets  # noqa: E402
+from detector.data import synth  # noqa: E402
+from detector.record.writer import Recorder  # noqa: E402
 
 
 def parse_args():
@@ -37,42 +41,19 @@ def parse_args():
     return ap.parse_args()
 
 
-def trainers(callback_time: list[float]) -> dict:
-    """The three trainers compared: plain Ultralytics, detector unrecorded, detector recorded (timed)."""
-    from detector import yolo  # after runtime is prepared
-
-    def timed(fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                callback_time[0] += time.perf_counter() - t
-        return wrapper
-
-    timed_tap = type("TimedTap", (yolo.RecordingTrainer.tap_class,), {
-        name: timed(getattr(yolo.RecordingTrainer.tap_class, name))
-        for name in ("on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start",
-                     "on_train_batch_end", "on_fit_epoch_end")})
-
-    class UnrecordedTrainer(yolo.RecordingTrainer):
-        """detector's trainer without the record: no tap, no callbacks."""
-
-        def __init__(self, *a, **k):
-            yolo.PlainTrainer.__init__(self, *a, **k)
-            self.tap = None
-
-    recorded = type("TimedRecordingTrainer", (yolo.RecordingTrainer,), {"tap_class": timed_tap})
-    return {"Ultralytics": yolo.PlainTrainer, "unrecorded": UnrecordedTrainer, "recorded": recorded}
+def trainers() -> dict:
+    """The three trainers compared: plain Ultralytics, detector unrecorded, detector recorded."""
+    return {"Ultralytics": helpers.plain_trainer(), "unrecorded": helpers.unrecorded_trainer(), "recorded": None}
 
 
 def main() -> None:
     args = parse_args()
     data_yaml = Path(args.data) if args.data else synth.ensure(synth.SynthSpec(), runtime.datasets_cache())
-    from detector import yolo
+    from detector.yolo import trainer as recording
 
     callback_time = [0.0]
-    variants = trainers(callback_time)
+    helpers.time_recording_callbacks(callback_time)
+    variants = trainers()
     wall = {k: [] for k in variants}
     cpu = {k: [] for k in variants}  # process CPU time: less disturbed by other load than wall time
     shares = []
@@ -84,14 +65,17 @@ def main() -> None:
         for i in range(args.pairs):
             keys = list(variants)
             for key in keys[i % 3:] + keys[:i % 3]:  # rotate the order: the first training of a process is slower
-                trainer = variants[key]
                 name = f"{key}{i}"
                 if key == "recorded":
                     (Path(tmp) / name).mkdir()
-                    Recorder(Path(tmp) / name).start({"name": name})
+                    rec = Recorder(Path(tmp) / name)
+                    rec.start({"name": name})
                     callback_time[0] = 0.0
                 t, c = time.perf_counter(), time.process_time()
-                yolo.train({**base, "name": name}, trainer=trainer)
+                if key == "recorded":
+                    recording.train({**base, "name": name}, rec)
+                else:
+                    helpers.fit(variants[key], {**base, "name": name})
                 wall[key].append(time.perf_counter() - t)
                 cpu[key].append(time.process_time() - c)
             shares.append(callback_time[0] / wall["recorded"][-1])

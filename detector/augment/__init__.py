@@ -1,0 +1,1 @@
+"""Albumentations pipelines (files and presets), their checks, and previews of augmented batches."""

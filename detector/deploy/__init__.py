@@ -1,0 +1,1 @@
+"""Trained weights to deployable models: export, the parity check, and predict."""

@@ -1,0 +1,1 @@
+"""Comparison reports rebuilt from run folders alone: analysis, plots, HTML and Markdown."""

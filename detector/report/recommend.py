@@ -1,0 +1,231 @@
+"""The comparison's opening answer: which batch size to use, and why, in a few sentences with numbers.
+
+Pure functions of the runs and their summaries (report.analysis). Three cases:
+- clear winner: one batch size's best mAP50-95 is above every other's beyond the
+  seed noise (paired by seed);
+- within noise: accuracy does not separate them, so the fastest to 90% of the best
+  mAP50-95 (that fits in memory) is the one to use;
+- insufficient evidence: one seed per batch size, unfinished runs, or runs that
+  differ in more than batch size. It says so, gives what the runs do show, and the
+  exact `detector sweep` command that would settle it.
+The other paragraphs (memory, speed, accuracy, gradient noise scale, what was held
+fixed) are the evidence, whichever case it is.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from detector.config import BUILTIN_OVERRIDES, DEFAULT_SAFETY
+from detector.record.reader import Run
+from detector.report import analysis, timing
+
+SEEDS_TO_SETTLE = "0,1,2"
+
+
+@dataclass
+class Recommendation:
+    """What the Recommendation section says."""
+
+    case: str  # clear | within_noise | insufficient | single
+    verdict: str
+    evidence: list[str] = field(default_factory=list)
+    command: str | None = None  # the detector sweep that would settle it
+
+
+@dataclass
+class _Batch:
+    batch: int
+    runs: list[Run]
+    rows: list[dict]
+
+    def mean(self, key: str):
+        vals = [r[key] for r in self.rows if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+
+def _groups(runs: list[Run], rows: list[dict]) -> list[_Batch]:
+    by: dict = {}
+    for run, row in zip(runs, rows):
+        by.setdefault(row["batch_used"] or 0, ([], []))
+        by[row["batch_used"] or 0][0].append(run)
+        by[row["batch_used"] or 0][1].append(row)
+    return [_Batch(b, rs, ws) for b, (rs, ws) in sorted(by.items())]
+
+
+def late_noise_scale(run: Run) -> float | None:
+    """Median B_simple over the last third of the run's epochs (it falls as training goes on)."""
+    col = run.epochs.get("grad_noise_scale")
+    if col is None:
+        return None
+    vals = col[~np.isnan(col)]
+    if not len(vals):
+        return None
+    return float(np.median(vals[len(vals) - max(len(vals) // 3, 1):]))
+
+
+def _t90(g: _Batch, target: float | None) -> float | None:
+    """Mean time to target over the group's runs; None when any run never got there."""
+    if target is None:
+        return None
+    times = [(r.time_s if (r := timing.reach(run, target)) else None) for run in g.runs]
+    return None if any(t is None for t in times) or not times else float(np.mean(times))
+
+
+def _problems(runs: list[Run], rows: list[dict], kind: analysis.Kind, warnings: list[str]) -> list[str]:
+    out = []
+    if len({r["batch_used"] for r in rows}) < 2:
+        out.append("only one batch size was run")
+    unfinished = [r["run"] for r in rows if r["status"] != "completed"]
+    if unfinished:
+        out.append(f"{', '.join(unfinished)} did not finish")
+    if warnings or kind.name == "mixed":
+        out.append("the runs differ in more than batch size (see the warning below)")
+    seeds = [len(g.rows) for g in _groups(runs, rows)]
+    if seeds and min(seeds) < 2:
+        out.append("there is one seed per batch size, so seed-to-seed noise is unmeasured")
+    return out
+
+
+def _memory(groups: list[_Batch]) -> str:
+    peaks = [(g.batch, g.mean("peak_gpu_mem_gb")) for g in groups]
+    if all(p is None for _, p in peaks):
+        return ("Memory: not measured (CPU runs record no GPU memory); on the planned GPU, `detector batch` "
+                "measures which of these batch sizes fits.")
+    total = next(((r.meta.get("device") or {}).get("total_memory_gb") for g in groups for r in g.runs
+                  if (r.meta.get("device") or {}).get("total_memory_gb")), None)
+    parts = []
+    for b, p in peaks:
+        if p is None:
+            parts.append(f"batch {b}: not recorded")
+        elif total:
+            verdict = "fits" if p <= DEFAULT_SAFETY * total else "near the limit"
+            parts.append(f"batch {b}: {p:.1f} of {total:.0f} GiB ({verdict})")
+        else:
+            parts.append(f"batch {b}: {p:.1f} GiB")
+    return "Memory (peak reserved on the recorded GPU): " + "; ".join(parts) + "."
+
+
+def _speed(groups: list[_Batch], best: float | None) -> str:
+    ips = "; ".join(f"batch {g.batch} {v:.1f}" for g in groups if (v := g.mean("images_per_s")) is not None)
+    out = f"Speed (images/s, median epoch): {ips}." if ips else "Speed: no completed epoch yet."
+    if best is not None:
+        t = "; ".join(f"batch {g.batch} " + ("never" if (v := _t90(g, 0.9 * best)) is None else f"{v:.0f} s")
+                      for g in groups)
+        out += f" Wall time to 90% of the best mAP50-95 ({0.9 * best:.3f}): {t}."
+    return out
+
+
+def _accuracy(groups: list[_Batch], rows: list[dict]) -> tuple[str, list[int]]:
+    """The accuracy paragraph and the batches no other batch beats beyond the seed noise."""
+    means = "; ".join(f"batch {g.batch} {v:.3f}" + (f" ({len(g.rows)} seeds)" if len(g.rows) > 1 else "")
+                      for g in groups if (v := g.mean("best_map50_95")) is not None)
+    pairs = analysis.paired_differences(rows, "best_map50_95")
+    beaten = {(a if mean > 0 else b) for a, b, _, mean, low, high in pairs if not low <= 0 <= high}
+    if not pairs:
+        return f"Accuracy (best mAP50-95): {means}; no seed noise to judge the differences by.", []
+    shown = "; ".join(f"{b} − {a}: {mean:+.3f} ({low:+.3f} to {high:+.3f})" for a, b, _, mean, low, high in pairs)
+    ok = [g.batch for g in groups if g.batch not in beaten]
+    return (f"Accuracy (best mAP50-95, mean over seeds): {means}. Paired by seed, 95% intervals: {shown}; "
+            + ("all within the seed noise." if not beaten else
+               f"batch {', '.join(map(str, sorted(beaten)))} lower beyond the noise.")), ok
+
+
+def _noise(groups: list[_Batch], kind: analysis.Kind) -> str | None:
+    late = [v for g in groups for r in g.runs if (v := late_noise_scale(r)) is not None]
+    if not late:
+        return None
+    bn = float(np.median(late))
+    per = []
+    for g in groups:
+        step = g.mean("images_per_step") or g.batch
+        per.append(f"{g.batch if kind.name != 'accumulate' else 'all'} at {step:.0f} images per step: "
+                   f"{1 + bn / step:.1f}x the fewest steps, {1 + step / bn:.1f}x the fewest images")
+        if kind.name == "accumulate":
+            break
+    head = (f"Gradient noise scale: late in training (last third of epochs) B_simple is about {bn:.0f}. "
+            "Steps to a given loss scale as 1 + B_simple/B and images as 1 + B/B_simple (McCandlish et al. "
+            "2018), B being the images per optimizer step: ")
+    tail = ("" if kind.name != "accumulate" else
+            " With accumulation every run steps on the same images, so this speaks to nbs, not to the batch.")
+    return head + "; ".join(per) + "." + tail
+
+
+def held_fixed(runs: list[Run], rows: list[dict], kind: analysis.Kind) -> str:
+    """One sentence: what the compared runs held fixed (images per update, learning-rate rule, epochs, ...)."""
+    cfg = analysis.ul_config(runs[0])
+    per_step = sorted({r["images_per_step"] for r in rows if r["images_per_step"]})
+    if kind.name == "accumulate":
+        update = f"images per weight update ({per_step[0]}: nbs {rows[0]['nbs']}, gradients accumulated)"
+    elif kind.name == "true":
+        update = "every iteration a weight update (nbs = batch; images per update follow the batch)"
+    else:
+        update = f"not the images per weight update ({', '.join(map(str, per_step))} differ)"
+    lrs = sorted({r["lr0"] for r in rows if r["lr0"] is not None})
+    rules = {r["lr_rule"] for r in rows} - {None}
+    lr = (f"lr0 {lrs[0]:.4g} for every batch" if len(lrs) == 1 else
+          f"lr0 scaled with the batch ({rules.pop()} rule: {', '.join(f'{v:.4g}' for v in lrs)})" if len(rules) == 1
+          else f"lr0 differs ({', '.join(f'{v:.4g}' for v in lrs)})")
+    return (f"Held fixed: {update}; {lr}; {cfg.get('epochs', '?')} epochs; optimizer {rows[0]['optimizer']}; "
+            f"imgsz {cfg.get('imgsz', '?')}; model {runs[0].meta.get('model')}; the dataset.")
+
+
+def settle_command(runs: list[Run], rows: list[dict]) -> str:
+    """The detector sweep that would settle the question: these batches, three seeds, the first run's settings."""
+    cfg = runs[0].meta.get("config") or {}
+    sweep = cfg.get("sweep") or {}
+    batches = sorted({r["batch_used"] or r["batch_requested"] for r in rows}, key=lambda b: int(b))
+    args = ["detector", "sweep", "--batch", ",".join(map(str, batches)), "--seeds", SEEDS_TO_SETTLE]
+    if sweep.get("semantics") == "true":
+        args += ["--semantics", "true"] + (["--lr-scaling", sweep["lr_scaling"]] if sweep.get("lr_scaling") else [])
+    for key, flag in (("data", "--data"), ("epochs", "--epochs"), ("imgsz", "--imgsz")):
+        if cfg.get(key) is not None and not (key != "data" and cfg.get("data") is None):
+            args += [flag, str(cfg[key])]
+    if cfg.get("model") and cfg["model"] != "yolo11n.yaml":
+        args += ["--model", str(cfg["model"])]
+    if sweep.get("sweep") and runs[0].path.parent.name == sweep["sweep"]:  # continue that sweep: same folder
+        args += ["--project", str(runs[0].path.parent.parent), "--name", sweep["sweep"]]
+    by_sweep = {"nbs", "lr0", "optimizer"} if sweep.get("semantics") == "true" else {"nbs"}
+    builtin = BUILTIN_OVERRIDES if cfg.get("data") is None else {}
+    for k, v in sorted((cfg.get("overrides") or {}).items()):
+        if k not in by_sweep and not (k in builtin and builtin[k] == v):
+            args.append(f"{k}={v}")
+    return shlex.join(args)
+
+
+def recommend(runs: list[Run], rows: list[dict], kind: analysis.Kind, warnings: list[str]) -> Recommendation:
+    """The Recommendation section: the verdict first, then the evidence, and a command when it is not settled."""
+    groups = _groups(runs, rows)
+    best = timing.best_map(runs)
+    accuracy, acc_ok = _accuracy(groups, rows)
+    evidence = [_memory(groups), _speed(groups, best), accuracy]
+    evidence += [s for s in (_noise(groups, kind),) if s] + [held_fixed(runs, rows, kind)]
+    if len(groups) < 2:
+        return Recommendation("single", "One batch size: nothing to choose between; the figures below describe it.",
+                              evidence, settle_command(runs, rows))
+    fastest = _fastest(groups, best, acc_ok or [g.batch for g in groups])
+    problems = _problems(runs, rows, kind, warnings)
+    if problems:
+        lean = f" On these runs batch {fastest} was the fastest to 90% of the best mAP50-95." if fastest else ""
+        return Recommendation("insufficient", "Not enough evidence to recommend a batch size: " + "; ".join(problems)
+                              + "." + lean + " The command below would settle it.", evidence,
+                              settle_command(runs, rows))
+    if len(acc_ok) == 1:
+        g = next(x for x in groups if x.batch == acc_ok[0])
+        return Recommendation("clear", f"Use batch {g.batch}: its best mAP50-95 ({g.mean('best_map50_95'):.3f}, mean "
+                              f"of {len(g.rows)} seeds) is above every other batch size's beyond the seed noise.",
+                              evidence)
+    why = f"batch {fastest} is the fastest of them to 90% of the best mAP50-95" if fastest else \
+        "none reached 90% of the best mAP50-95, so the highest throughput decides"
+    pick = fastest or max(groups, key=lambda g: g.mean("images_per_s") or 0).batch
+    return Recommendation("within_noise", f"Use batch {pick}: accuracy is within the seed noise between batch "
+                          f"{', '.join(map(str, acc_ok))}, and {why}.", evidence)
+
+
+def _fastest(groups: list[_Batch], best: float | None, allowed: list[int]) -> int | None:
+    """The allowed batch with the shortest mean wall time to 90% of the best mAP50-95; None if none got there."""
+    times = [(t, g.batch) for g in groups if g.batch in allowed and (t := _t90(g, 0.9 * best if best else None))]
+    return min(times)[1] if times else None

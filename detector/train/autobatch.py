@@ -1,0 +1,109 @@
+"""The `--batch auto` use case: gather the figures, probe the GPU, decide, explain.
+
+batching holds the pure arithmetic and decisions; the adapter (detector.yolo.probe)
+measures. This module joins them for a training (`decide`) and for the dry run
+`detector batch` (`dry_run`): it finds the worst-case label count of the dataset,
+picks the GPU to decide against, runs the probe and records how long it took.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from detector import facts
+from detector.config import TrainConfig
+from detector.data import spec as datasets
+from detector.train import batching
+
+
+def densest_labels(data: datasets.DatasetInfo) -> int:
+    """Boxes in the densest image of the dataset: the dataset check's figure, else counted from the label files."""
+    figure = (data.check or {}).get("max_boxes_per_image")
+    if figure is not None:
+        return int(figure)
+    most = 0
+    for split in ("train", "val"):
+        for image in data.splits.get(split, []):
+            try:
+                text = datasets.label_path(Path(image)).read_bytes()
+            except OSError:
+                continue  # an image without a label file is background
+            most = max(most, sum(1 for line in text.splitlines() if line.strip()))
+    return most
+
+
+def label_load(densest: int, overrides: dict) -> tuple[int, int]:
+    """Worst-case boxes per image for (training, validation).
+
+    Mosaic and mixup multiply the densest image's boxes (facts.boxes_per_training_image;
+    Ultralytics' AutoBatch uses the same x4); validation images are not augmented. The
+    label assigner pads every image to the batch's largest count, so this count on
+    every image of the batch is what the loss really allocates.
+    """
+    return facts.boxes_per_training_image(densest, overrides), max(densest, 1)
+
+
+def decide(config: TrainConfig, data: datasets.DatasetInfo, device: dict, echo=print) -> batching.BatchDecision:
+    """The batch for a training: explicit as given, 'auto' as 16 on CPU, measured on CUDA."""
+    if not config.batch.auto or device.get("type") != "cuda":
+        return batching.decide_cpu(config.batch.requested, data.train_images, config.batch.candidates, config.nbs)
+    return _probe_and_decide(config, data, echo)
+
+
+def _probe_and_decide(config: TrainConfig, data, echo) -> batching.BatchDecision:
+    from detector.yolo import checks, probe
+
+    opts = config.batch
+    gpus = probe.cuda_devices(config.device)
+    # Several GPUs each get the same per-GPU batch, so the GPU with the least room decides.
+    target = min(gpus, key=lambda g: batching.budget_gb(g["total_memory_gb"], opts.safety, g["baseline_gb"]))
+    budget = batching.budget_gb(target["total_memory_gb"], opts.safety, target["baseline_gb"])
+    imgsz = facts.largest_training_imgsz(config.imgsz or 640, config.overrides)
+    densest = densest_labels(data)
+    train_labels, val_labels = label_load(densest, config.overrides)
+    name = f"GPU {target['index']} ({target['name']})"
+    echo(f"probing batch sizes {', '.join(map(str, opts.candidates))} on {name} at imgsz {imgsz} with "
+         f"{train_labels} boxes per training image (densest image: {densest})...")
+    started = time.perf_counter()
+    measured = probe.probe_batch_memory(
+        checks.check_model(config.model), len(data.names), imgsz, opts.candidates, target["index"], train_labels,
+        val_labels, config.overrides.get("amp", True), stop_above_gb=budget)
+    seconds = time.perf_counter() - started
+    decision = batching.decide_gpu([batching.Measurement(**m) for m in measured], target["total_memory_gb"],
+                                   opts.safety, opts.candidates, data.train_images, config.nbs, devices=len(gpus),
+                                   baseline_gb=target["baseline_gb"], device_name=name, imgsz=imgsz)
+    return replace(decision, probe={
+        "device": name, "devices": len(gpus), "total_memory_gb": round(target["total_memory_gb"], 3),
+        "baseline_gb": round(target["baseline_gb"], 3), "safety_fraction": opts.safety,
+        "budget_gb": round(budget, 3), "imgsz": imgsz, "densest_image_boxes": densest,
+        "train_boxes_per_image": train_labels, "val_boxes_per_image": val_labels, "seconds": round(seconds, 2)})
+
+
+def describe(decision: batching.BatchDecision) -> str:
+    """The decision as the user reads it: the table, then which batch and why."""
+    lines = [batching.table_text(decision)]
+    if decision.probe:
+        p = decision.probe
+        lines.append(f"probe: {p['seconds']:.1f} s on {p['device']}, budget {p['safety_fraction']:.0%} of "
+                     f"{p['total_memory_gb']:.1f} GB" + (f" minus {p['baseline_gb']:.2f} GB in use" if p['baseline_gb']
+                                                          else "") + f" = {p['budget_gb']:.2f} GB")
+    lines.append(f"batch {decision.chosen}: {decision.reason}")
+    return "\n".join(lines)
+
+
+def dry_run(config: TrainConfig, echo=print) -> batching.BatchDecision:
+    """`detector batch`: what `detector train` with the same options would choose, without training."""
+    from detector.train.preflight import prepare
+    from detector.yolo import checks
+
+    config, data, _ = prepare(config, echo)
+    device = checks.device_info(config.device)
+    echo(f"dataset {data.yaml}: {data.train_images} training images, {data.val_images} validation images")
+    where = "CPU" if device["type"] == "cpu" else f"{device['name']} ({device['total_memory_gb']:.1f} GB)"
+    echo(f"model {config.model} at imgsz {config.imgsz or 640} on {where}, nbs {config.nbs}")
+    decision = decide(config, data, device, echo)
+    echo(describe(decision))
+    echo(batching.explain(data.train_images, config.nbs))
+    return decision
