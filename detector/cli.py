@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from detector import __version__
-from detector.errors import DetectorError
+from detector.errors import DetectorError, DiskFull, TrainingInterrupted, is_disk_full
 
 
 class _Failure(click.ClickException):
@@ -33,6 +33,12 @@ def _report_errors(fn):
             return fn(*args, **kwargs)
         except DetectorError as e:
             raise _Failure(e) from None
+        except KeyboardInterrupt:  # Click would say "Aborted!" and exit 1; an interrupt exits 130 everywhere
+            raise _Failure(TrainingInterrupted("interrupted (Ctrl-C)")) from None
+        except OSError as e:  # a full disk outside training (run.json, a report): one line, not a traceback
+            if not is_disk_full(e):
+                raise
+            raise _Failure(DiskFull(f"disk full while writing {e.filename or 'output'}; free space and retry")) from None
 
     return wrapper
 
@@ -75,7 +81,11 @@ def main():
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="YOLO data YAML. Default: the built-in shapes dataset (generated once, cached).")
 @click.option("--model", default="yolo11n.yaml", show_default=True,
-              help="Model YAML name (yolo11n.yaml, yolov8s.yaml, ...) or a local .pt file. Nothing is downloaded.")
+              help="Model YAML name (yolo11n.yaml, yolov8s.yaml, ...), a local .pt file, or pretrained weights "
+                   "by name (yolo11n.pt) from the weights cache.")
+@click.option("--download", is_flag=True,
+              help="Fetch pretrained weights missing from the cache (once; also DETECTOR_DOWNLOAD=1). "
+                   "Nothing else is ever downloaded.")
 @click.option("--epochs", type=int, default=None, help="Epochs. Default 100; 20 on the built-in dataset.")
 @click.option("--imgsz", type=int, default=None, help="Training image size. Default 640; 128 on the built-in dataset.")
 @click.option("--batch", default="auto", show_default=True,
@@ -101,8 +111,8 @@ def main():
               help="Do not measure the gradient noise scale (epochs.csv grad_* columns stay empty).")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @_report_errors
-def train(data, model, epochs, imgsz, batch, device, workers, seed, name, project, resume, augment, batch_candidates,
-          batch_safety, tensorboard, no_grad_stats, overrides):
+def train(data, model, download, epochs, imgsz, batch, device, workers, seed, name, project, resume, augment,
+          batch_candidates, batch_safety, tensorboard, no_grad_stats, overrides):
     """Train a detector and record every iteration and epoch under PROJECT/NAME.
 
     Any other Ultralytics training argument can follow as KEY=VALUE
@@ -115,6 +125,8 @@ def train(data, model, epochs, imgsz, batch, device, workers, seed, name, projec
             --epochs 3 --imgsz 320 --batch 16 --name c128
         detector train --resume runs/c128                # continue after Ctrl-C
         detector train --augment my_pipeline.yaml        # an A.save'd Albumentations pipeline, or: light, heavy
+        detector train --model yolo11n.pt --download     # fine-tune COCO-pretrained weights (fetched once)
+        detector train --tensorboard --name tb           # + runs/tb/tensorboard/ event files
 
     Writes runs/NAME/run.json, iterations.csv, epochs.csv and weights/best.pt.
     """
@@ -125,7 +137,7 @@ def train(data, model, epochs, imgsz, batch, device, workers, seed, name, projec
         data=data, model=model, epochs=epochs, imgsz=imgsz, device=device, workers=workers, seed=seed, name=name,
         project=project, resume=resume, overrides=parse_overrides(overrides), augment=augment,
         command=tuple(_command_line()), batch=BatchOptions.parse(batch, batch_candidates, batch_safety),
-        tensorboard=tensorboard, grad_stats=not no_grad_stats,
+        tensorboard=tensorboard, grad_stats=not no_grad_stats, download=download,
     )
     run_dir = training.run(config, echo=click.echo)
     click.echo(f"Results: {run_dir}/run.json, iterations.csv, epochs.csv, weights/best.pt")
@@ -358,10 +370,18 @@ def compare(run_dirs, out):
 @click.option("--project", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Folder that holds the sweep folder.")
 @click.option("--no-grad-stats", is_flag=True, help="Do not measure the gradient noise scale in the runs.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: the runs one after another here. ray: one Ray task per run, in parallel on this machine's GPUs or on a cluster (pip install 'detector[ray]').")
+@click.option("--address", default=None, help="--backend ray: the cluster to join ('auto' or HOST:PORT). Default: start Ray on this machine for the sweep.")
+@click.option("--gpus-per-run", type=float, default=None,
+              help="--backend ray: GPUs each run reserves. Default: 1 when the cluster has GPUs, else 0.")
+@click.option("--cpus-per-run", type=float, default=None,
+              help="--backend ray: CPUs each run reserves. Default: 1 with GPUs; without, all CPUs of the smallest node.")
+@click.option("--tensorboard", is_flag=True, help="Each run also writes its TensorBoard event files (see train).")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @_report_errors
 def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, device, workers, augment, name, project,
-          no_grad_stats, overrides):
+          no_grad_stats, backend, address, gpus_per_run, cpus_per_run, tensorboard, overrides):
     """Train one run per batch size and seed in one folder, then write the comparison there.
 
     Runs are PROJECT/NAME/b<batch>-s<seed>. Running the same command again
@@ -372,6 +392,7 @@ def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, dev
         detector sweep --batch 16,32,64 --epochs 10           # built-in dataset
         detector sweep --batch 16,32,64 --seeds 0,1,2 --semantics true optimizer=SGD \\
             --data data.yaml --epochs 50 --name bs-true
+        detector sweep --batch 16,32,64 --seeds 0,1,2 --backend ray --address auto   # on a Ray cluster
 
     Writes PROJECT/NAME/sweep.json, one run folder per batch and seed, report.html, report.md and plots/.
     """
@@ -381,13 +402,24 @@ def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, dev
     template = TrainConfig(
         data=data, model=model, epochs=epochs, imgsz=imgsz, device=device, workers=workers, project=project,
         overrides=parse_overrides(overrides), augment=augment, command=tuple(_command_line()),
-        grad_stats=not no_grad_stats,
+        grad_stats=not no_grad_stats, tensorboard=tensorboard,
     )
     config = sweeping.SweepConfig(
         batches=sweeping.parse_ints(batches, "--batch", minimum=1), seeds=sweeping.parse_ints(seeds, "--seeds"),
         template=template, name=name, semantics=semantics, lr_scaling=lr_scaling,
     )
-    html = sweeping.run(config, echo=click.echo)
+    ray_options = {"--address": address, "--gpus-per-run": gpus_per_run, "--cpus-per-run": cpus_per_run}
+    if backend == "ray":
+        from detector.train import sweep_ray
+
+        options = sweep_ray.RayOptions(address=address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run)
+        html = sweep_ray.run(config, options, echo=click.echo)
+    elif given := [flag for flag, value in ray_options.items() if value is not None]:
+        from detector.errors import UsageError
+
+        raise UsageError(f"{given[0]} applies to --backend ray only")
+    else:
+        html = sweeping.run(config, echo=click.echo)
     click.echo(f"Report: {html} (Markdown: {html.with_name('report.md')})")
 
 
@@ -447,8 +479,11 @@ def export_cmd(source, fmt, imgsz, half, dynamic, simplify, opset, out, images, 
 @click.option("--imgsz", type=int, default=None, help="Input size. Default: the model's (training or export size).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or 0 for the first GPU.")
 @click.option("--no-images", is_flag=True, help="Write only predictions.json and .csv, no annotated images.")
+@click.option("--coco-gt", type=click.Path(path_type=Path), default=None, metavar="INSTANCES.json",
+              help="COCO annotation file: image ids (by file name) and category ids (by name) come from it, "
+                   "so pycocotools can score predictions.json.")
 @_report_errors
-def predict(weights, source, out, conf, iou, imgsz, device, no_images):
+def predict(weights, source, out, conf, iou, imgsz, device, no_images, coco_gt):
     """Detect objects in images with a .pt or an exported model (ONNX, TorchScript, ...).
 
     SOURCE is an image, a folder (searched recursively) or a quoted glob.
@@ -458,6 +493,7 @@ def predict(weights, source, out, conf, iou, imgsz, device, no_images):
     Examples:
         detector predict runs/shapes/weights/best.onnx photos/ --out preds
         detector predict runs/shapes 'photos/**/*.jpg' --conf 0.5
+        detector predict runs/c128 val2017/ --conf 0.001 --coco-gt instances_val2017.json
 
     Writes OUT/predictions.json (COCO results: file_name, category_id,
     category_name, bbox [x, y, w, h] in pixels, score), OUT/predictions.csv and
@@ -466,8 +502,101 @@ def predict(weights, source, out, conf, iou, imgsz, device, no_images):
     from detector.deploy import predict as predicting
 
     config = predicting.PredictConfig(weights=weights, source=source, out=out, conf=conf, iou=iou, imgsz=imgsz,
-                                      device=device, save_images=not no_images)
+                                      device=device, save_images=not no_images, coco_gt=coco_gt)
     predicting.run(config, echo=click.echo)
+
+
+@main.command(name="val")
+@click.argument("source", type=click.Path(path_type=Path), metavar="RUN_DIR|WEIGHTS.pt")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="YOLO data YAML whose val split is scored. Default: the run folder's data.yaml.")
+@click.option("--coco-gt", type=click.Path(path_type=Path), default=None, metavar="INSTANCES.json",
+              help="COCO annotation file of the val images: adds COCO's 12 metrics (needs detector[coco]).")
+@click.option("--imgsz", type=int, default=None, help="Input size. Default: the training size.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Images per validation batch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or 0 for the first GPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object.")
+@_report_errors
+def val_cmd(source, data, coco_gt, imgsz, batch, device, as_json):
+    """Score weights on a val split: Ultralytics' mAP and, with --coco-gt, COCO's 12 metrics beside it.
+
+    Ultralytics' figures are those epochs.csv records. With --coco-gt the val
+    images the annotation file lists are predicted at conf 0.001 and scored by
+    pycocotools, ids matched by file name and category name.
+
+    \b
+    Examples:
+        detector val runs/c128                                   # the run's own data.yaml
+        detector val runs/c128/weights/best.pt --data ../shared/data/coco128/coco128.yaml \\
+            --coco-gt instances.json
+
+    Writes nothing; prints both sets of figures (or JSON with --json).
+    """
+    from detector.deploy import val as validating
+
+    config = validating.ValConfig(source=source, data=data, coco_gt=coco_gt, imgsz=imgsz, batch=batch, device=device)
+    result = validating.run(config, echo=click.echo if not as_json else lambda *_: None)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for line in validating.format_report(result):
+            click.echo(line)
+
+
+# ---- weights: the pretrained weights cache (issue 14) ----
+
+@main.group()
+def weights():
+    """Show and fill the pretrained weights cache ($DETECTOR_HOME/weights), e.g. before going offline.
+
+    \b
+    Examples:
+        detector weights fetch yolo11n.pt
+        detector weights list
+    """
+
+
+@weights.command("list")
+@_report_errors
+def weights_list():
+    """List the cached weights with size, sha256 and where each came from.
+
+    \b
+    Example:
+        detector weights list
+    """
+    from detector.weights import cache
+
+    found = cache.listing()
+    if not found:
+        click.echo(f"weights cache {cache.cache_dir()} is empty; fill it with: detector weights fetch yolo11n.pt")
+    for w in found:
+        click.echo(f"{w['name']}  {w['size'] / 2**20:.1f} MB  sha256 {w['sha256'][:16]}  "
+                   f"{w['url'] or 'copied in by hand'}")
+
+
+@weights.command("fetch")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download again even if the cache has it.")
+@_report_errors
+def weights_fetch(name, force):
+    """Download Ultralytics weights NAME into the cache (from DETECTOR_WEIGHTS_URL/NAME when set).
+
+    The file is written to a temporary name and renamed only when complete, its
+    size checked against what the server announced; Ctrl-C leaves nothing.
+
+    \b
+    Examples:
+        detector weights fetch yolo11n.pt
+        DETECTOR_WEIGHTS_URL=http://mirror.local/weights detector weights fetch yolov8s.pt
+    """
+    from detector.weights import cache
+
+    got = cache.fetch_once(name, force=force, echo=click.echo)
+    state = "downloaded" if got["downloaded"] else "already cached"
+    click.echo(f"{got['path']} ({state}, {got['size'] / 2**20:.1f} MB, sha256 {got['sha256']})")
 
 
 # ---- tensorboard: event files from a run's records (issue 14) ----
@@ -510,9 +639,16 @@ def tensorboard_cmd(run_dirs):
 @click.option("--batch-candidates", default="16,32,64", show_default=True, help="Batch sizes to choose from.")
 @click.option("--batch-safety", type=float, default=0.85, show_default=True,
               help="Share of the GPU's total memory the measured peak may use.")
+@click.option("--gpu-memory", default=None, metavar="GB[,GB...]",
+              help="Plan for GPUs of these sizes without one: the memory model predicts each candidate's peak.")
+@click.option("--classes", type=int, default=None, help="With --gpu-memory: number of classes (instead of the dataset's).")
+@click.option("--boxes-per-image", type=int, default=None,
+              help="With --gpu-memory: boxes on the densest image (instead of the dataset's); x4 with mosaic.")
+@click.option("--json", "as_json", is_flag=True, help="With --gpu-memory: print one JSON object.")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @_report_errors
-def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, overrides):
+def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, gpu_memory, classes, boxes_per_image, as_json,
+              overrides):
     """Show which batch `detector train --batch auto` would use, and what each candidate means (no training).
 
     On a GPU it builds the real model at the real image size and measures the
@@ -530,15 +666,31 @@ def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, overri
         detector batch                                   # the built-in dataset
         detector batch --data ../shared/data/coco128/coco128.yaml --imgsz 640 --model yolo11s.yaml
         detector batch --data data.yaml --device 0,1 --batch-candidates 8,16,32 mosaic=0
+        detector batch --gpu-memory 8,16,24,40,80 --imgsz 640 --classes 3 --boxes-per-image 10 --json
 
-    Writes no run folder; `detector train` records the same table in run.json's `batch`.
+    With --gpu-memory no GPU is needed: a memory model runs the real training
+    steps on shapes only and predicts peak reserved GiB (README, "Planning for
+    a GPU you do not have"). Writes no run folder; `detector train` records the
+    same table in run.json's `batch`.
     """
     from detector.config import BatchOptions, TrainConfig, parse_overrides
     from detector.train import autobatch
 
     config = TrainConfig(data=data, model=model, imgsz=imgsz, device=device, overrides=parse_overrides(overrides),
                          batch=BatchOptions.parse("auto", batch_candidates, batch_safety))
-    autobatch.dry_run(config, echo=click.echo)
+    if gpu_memory is None:
+        if classes is not None or boxes_per_image is not None or as_json:
+            raise DetectorError("--classes, --boxes-per-image and --json go with --gpu-memory, e.g. --gpu-memory 24")
+        autobatch.dry_run(config, echo=click.echo)
+        return
+    import json
+
+    from detector.train import gpuplan
+
+    sizes = gpuplan.parse_gpu_sizes(gpu_memory)
+    gpuplan.check_counts(classes, boxes_per_image)
+    result = gpuplan.plan(config, sizes, classes, boxes_per_image, echo=(lambda *_: None) if as_json else click.echo)
+    click.echo(json.dumps(result.to_json(), indent=1) if as_json else gpuplan.describe(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

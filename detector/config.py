@@ -93,6 +93,7 @@ class TrainConfig:
     model: str = "yolo11n.yaml"
     epochs: int | None = None  # None: 100, or the built-in demo's value
     imgsz: int | None = None  # None: 640, or the built-in demo's value
+    imgsz_requested: int | None = None  # set when --imgsz was rounded up to the stride (imgsz is what trains)
     batch: BatchOptions = BatchOptions()
     device: str | None = None
     workers: int = 8
@@ -106,6 +107,8 @@ class TrainConfig:
     sweep: dict | None = None  # set by `detector sweep`: its name, semantics and lr rule, recorded in run.json config
     grad_stats: bool = True  # measure the gradient noise scale while training (--no-grad-stats turns it off)
     tensorboard: bool = False  # also write RUN/tensorboard/ event files from the CSV records
+    download: bool = False  # --download: an asset name missing from the weights cache may be fetched
+    weights: dict | None = None  # set by preflight for a .pt model: its path, source URL and sha256
 
     @property
     def nbs(self) -> int:

@@ -20,6 +20,9 @@ OFFLINE_ENV = {
     "YOLO_AUTOINSTALL": "0",  # check_requirements never runs pip
     "YOLO_VERBOSE": "1",
     "NO_ALBUMENTATIONS_UPDATE": "1",  # no version check against PyPI on import
+    # onnxruntime's native telemetry threads resolve Microsoft's events host when a session is created
+    # (disable_telemetry_events() does not stop them); read by the library when it loads.
+    "ORT_DISABLE_TELEMETRY": "1",
 }
 
 # Settings Ultralytics reads from $YOLO_CONFIG_DIR/Ultralytics/settings.json.

@@ -84,9 +84,12 @@ def run_copy(tiny_run, tmp_path) -> Path:
     return copy
 
 
-def _add_column(path: Path, name: str, values: list[str]) -> None:
+def _ensure_column(path: Path, name: str, values: list[str]) -> None:
+    """Give the CSV a column `name` with these values unless it already holds some."""
     rows = _rows(path)
-    columns = list(rows[0]) + [name]
+    if any(r.get(name) for r in rows):
+        return
+    columns = list(rows[0]) + ([name] if name not in rows[0] else [])
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, lineterminator="\n")
         writer.writeheader()
@@ -97,13 +100,10 @@ def _add_column(path: Path, name: str, values: list[str]) -> None:
 def test_command_writes_every_csv_value_and_the_config(run_copy):
     # Columns other parts record when asked (gradient norm, noise scale) follow without a change; an empty
     # cell (not recorded that iteration) writes nothing.
-    # (The trainer may already record them; then the recorded values are checked instead.)
-    iterations = _rows(run_copy / "iterations.csv")
-    n_iter = len(iterations)
-    if "grad_norm" not in iterations[0]:
-        _add_column(run_copy / "iterations.csv", "grad_norm", [f"{1.5 + i:.6g}" for i in range(n_iter - 1)] + [""])
-    if "grad_noise_scale" not in _rows(run_copy / "epochs.csv")[0]:
-        _add_column(run_copy / "epochs.csv", "grad_noise_scale", ["", "123.457"])
+    # (Where the trainer recorded them already, the recorded values are checked instead.)
+    n_iter = len(_rows(run_copy / "iterations.csv"))
+    _ensure_column(run_copy / "iterations.csv", "grad_norm", [f"{1.5 + i:.6g}" for i in range(n_iter - 1)] + [""])
+    _ensure_column(run_copy / "epochs.csv", "grad_noise_scale", ["", "123.457"])
     for _ in range(2):  # a second conversion replaces the first
         result = CliRunner().invoke(main, ["tensorboard", str(run_copy)])
         assert result.exit_code == 0, result.output
@@ -147,3 +147,27 @@ def test_train_tensorboard_refused_without_the_package(tiny_data, tmp_path, monk
     assert result.exit_code == 2, result.output
     assert "detector[tensorboard]" in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_live_writer_streams_the_cells_the_recorder_writes(tmp_path):
+    # What TensorBoard shows while training: the same cells, as the recorder writes them.
+    from detector.record import tensorboard
+    from detector.record.writer import Recorder
+
+    run_dir = tmp_path / "live"
+    run_dir.mkdir()
+    rec = Recorder(run_dir)
+    rec.start({"name": "live", "config": {"epochs": 2, "lr0": 0.01}})
+    stream = tensorboard.live(rec, run_dir)
+    losses = ["box_loss", "cls_loss"]
+    for i in range(1, 5):
+        rec.iteration(losses, {"epoch": (i + 1) // 2, "iteration": i, "epoch_iteration": 2 - i % 2, "batch_size": 16,
+                               "images_seen": 16 * i, "optimizer_step": i, "box_loss": 1 / i, "cls_loss": 2 / i,
+                               "loss": 3 / i, "lr": 0.001 * i, "time_s": "%.3f" % (0.1 * i), "gpu_mem_gb": None})
+        if i % 2 == 0:
+            rec.epoch(losses, {"epoch": i // 2, "map50": 0.1 * i, "map50_95": 0.05 * i, "precision": 0.3,
+                               "recall": None, "images_per_s": 123.456789})
+    stream.close()
+    rec.close()
+    assert assert_events_match_csvs(run_dir) > 30
+    assert _hparams(run_dir)["lr0"] == pytest.approx(0.01)

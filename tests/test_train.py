@@ -266,7 +266,7 @@ def test_bad_inputs_are_refused_clearly(tmp_path, tiny_data, empty_split_yaml):
     _fails(["--data", str(novals), "--project", str(project)], "val")
     _fails(["--data", str(empty_split_yaml), "--project", str(project)], "no images")
     _fails([*base, "--model", "yolo99z.yaml"], "nothing can be downloaded")
-    _fails([*base, "--model", "yolo11n.pt"], "nothing can be downloaded")
+    _fails([*base, "--model", "yolo11n.pt"], "--download")  # not in the (empty) weights cache: say how to fetch it
     _fails([*base, "--model", "yolo11n-seg.yaml"], "detection")
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"\x80\x02not a checkpoint")

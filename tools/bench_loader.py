@@ -3,18 +3,25 @@
 Each configuration runs in a fresh process, so its peak RSS is its own:
 
   decode       cv2.imread + resize of the long side to imgsz, as Ultralytics' load_image does (the ceiling)
-  stock        Ultralytics' training loader exactly as it ships (its own Albumentations set, its own collate)
-  default      the same with the collate detector trains with (one PyTorch thread: detector.yolo.loader.single_thread_collate)
-  PRESET       the same loader with a detector preset: none, ultralytics, light, heavy
-  FILE         the same loader with a pipeline file written by A.save
+  stock        Ultralytics' training loader exactly as it ships (its own pipeline, Albumentations set and collate)
+  default      what detector trains with: its fast loader (detector.yolo.fastload) with Ultralytics' default
+               Albumentations set, i.e. the same augmentation as stock, and the single-threaded collate
+  ultralytics-loader  detector with loader=ultralytics: the stock pipeline with detector's collate
+  PRESET       the default loader with a detector preset: none, ultralytics, light, heavy
+  FILE         the default loader with a pipeline file written by A.save
+
+Rounds are paired: every round runs every configuration once, in alternating order, so a
+busy spell on a shared machine hits them alike; the ratio to stock is taken within each round.
+Images/s per core is images per CPU second of the loader (main process and workers together).
 
 Examples:
-  .venv/bin/python tools/bench_loader.py --data ../shared/data/coco128/coco128.yaml --imgsz 640 --workers 0
+  .venv/bin/python tools/bench_loader.py --imgsz 640 --workers 0 --pipelines stock,default --repeat 5
   .venv/bin/python tools/bench_loader.py --workers 2 --pipelines default,light,my_pipeline.yaml
-  .venv/bin/python tools/bench_loader.py --stream-sizes 128,1280 --pipelines light   # RSS vs dataset size
+  .venv/bin/python tools/bench_loader.py --stream-sizes 128,1280 --pipelines default   # RSS vs dataset size
   .venv/bin/python tools/bench_loader.py --per-transform --pipelines heavy,my_pipeline.yaml  # what costs what
 
-Prints a Markdown table. Throughput excludes the first batch (worker start-up, label cache).
+Prints Markdown tables. Throughput excludes the first batch (worker start-up, label cache). The data is
+read through a folder of symlinks, so Ultralytics' label cache is written there, never beside the dataset.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "coco128.yaml"
+BASELINES = {"decode", "stock", "default", "ultralytics-loader"}  # Ultralytics' default Albumentations set
 
 
 def _peak_rss_mb() -> tuple[float, float]:
@@ -153,18 +161,21 @@ def child(spec: dict) -> dict:
         import helpers
         from detector.yolo import loader as yolo_loader
 
-        transforms = None if spec["pipeline"] in {"default", "stock"} else list(
+        transforms = None if spec["pipeline"] in BASELINES else list(
             augment.resolve(spec["pipeline"], spec["imgsz"]).transforms)
+        which = "ultralytics" if spec["pipeline"] == "ultralytics-loader" else "fast"
         with tempfile.TemporaryDirectory() as tmp:
             data_yaml = data.write_resolved(Path(tmp) / "data.yaml")
             if spec["pipeline"] == "stock":
                 _, loader, _ = helpers.stock_training_loader(data_yaml, spec["imgsz"], spec["batch"],
                                                              workers=spec["workers"],
-                                                             overrides={"cache": spec["cache"]})
+                                                             overrides={"cache": spec["cache"],
+                                                                        "mosaic": spec["mosaic"]})
             else:
                 _, loader, _ = yolo_loader.training_loader(data_yaml, transforms, spec["imgsz"], spec["batch"],
-                                                           workers=spec["workers"],
-                                                           overrides={"cache": spec["cache"]})
+                                                           workers=spec["workers"], loader=which,
+                                                           overrides={"cache": spec["cache"],
+                                                                      "mosaic": spec["mosaic"]})
     want = spec["images"] or data.train_images  # 0: exactly one pass over the training set
     seen, started, it = 0, None, iter(loader)
     batches = 0
@@ -183,7 +194,7 @@ def child(spec: dict) -> dict:
     elapsed, cpu = time.perf_counter() - started, _cpu_seconds() - cpu0
     own, workers_rss = _peak_rss_mb()
     del loader, it  # stop the workers before timing the step alone
-    step = None if spec["pipeline"] in {"decode", "stock"} or not spec.get("step") else step_cpu_ms(
+    step = None if spec["pipeline"] in BASELINES or not spec.get("step") else step_cpu_ms(
         data.splits["train"], transforms, spec["imgsz"])
     return {"pipeline": spec["pipeline"], "images": seen, "seconds": elapsed, "images_per_s": seen / elapsed,
             "cpu_ms_per_image": 1000 * cpu / seen, "step_cpu_ms": step,
@@ -228,10 +239,11 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--images", type=int, default=256, help="images to time per configuration (after one warm-up batch)")
-    p.add_argument("--repeat", type=int, default=1, help="rounds over all configurations; the table shows medians")
+    p.add_argument("--repeat", type=int, default=1, help="paired rounds over all configurations; tables show medians")
+    p.add_argument("--mosaic", type=float, default=1.0, help="Ultralytics' mosaic probability for every loader")
     p.add_argument("--cache", default=False, help="Ultralytics' cache option (False, ram, disk)")
-    p.add_argument("--pipelines", default="decode,stock,default,none,ultralytics,light,heavy",
-                   help="comma-separated: decode, stock, default, a preset name, or a pipeline file")
+    p.add_argument("--pipelines", default="decode,stock,default,ultralytics-loader,none,ultralytics,light,heavy",
+                   help="comma-separated: decode, stock, default, ultralytics-loader, a preset name, or a pipeline file")
     p.add_argument("--stream-sizes", default=None,
                    help="e.g. 128,1280: peak RSS for one pass over datasets of these sizes "
                         "(symlinked copies of --data)")
@@ -242,10 +254,11 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    base = {"imgsz": args.imgsz, "workers": args.workers, "batch": args.batch, "cache": args.cache}
+    base = {"imgsz": args.imgsz, "workers": args.workers, "batch": args.batch, "cache": args.cache,
+            "mosaic": args.mosaic}
     pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()]
-    print(f"imgsz {args.imgsz}, batch {args.batch}, workers {args.workers}, cache {args.cache}, "
-          f"{os.cpu_count()} CPUs, data {args.data}")
+    print(f"imgsz {args.imgsz}, batch {args.batch}, workers {args.workers}, cache {args.cache}, mosaic {args.mosaic}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, data {args.data}")
     if args.per_transform:
         per_transform(args.data, pipelines, args.imgsz)
         return
@@ -260,12 +273,29 @@ def main(argv=None) -> None:
                     print(f"| {pipe} | {n} | {r['images']} | {r['images_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
                           f"{r['workers_peak_rss_mb']:.0f} |", flush=True)
         return
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        from detector.data import spec as datasets
+
+        mirror = repeated_dataset(args.data, datasets.load(args.data).train_images, Path(tmp) / "mirror")
+        runs = paired_rounds({**base, "data": str(mirror)}, pipelines, args.images, args.repeat)
+    print_throughput(runs, args.repeat)
+    if "stock" in runs:
+        print_paired(runs)
+
+
+def paired_rounds(base: dict, pipelines: list[str], images: int, repeat: int) -> dict[str, list[dict]]:
+    """Every configuration once per round, the order reversed every other round (a drift in load cancels)."""
     runs: dict[str, list[dict]] = {pipe: [] for pipe in pipelines}
-    for _ in range(args.repeat):  # rounds interleave the configurations, so a busy spell hits them alike
-        for pipe in pipelines:
-            runs[pipe].append(run_child({**base, "data": str(args.data), "pipeline": pipe, "images": args.images,
-                                         "step": True}))
-    print(f"\n| pipeline | images/s (median of {args.repeat}) | all runs | loader CPU ms/image | "
+    for k in range(repeat):
+        for pipe in pipelines if k % 2 == 0 else pipelines[::-1]:
+            runs[pipe].append(run_child({**base, "pipeline": pipe, "images": images, "step": True}))
+        print(f"round {k + 1}/{repeat}: " + ", ".join(f"{p} {rs[-1]['images_per_s']:.0f}/s" for p, rs in runs.items()),
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return runs
+
+
+def print_throughput(runs: dict[str, list[dict]], repeat: int) -> None:
+    print(f"\n| pipeline | images/s (median of {repeat}) | all runs | loader CPU ms/image | "
           "loader CPU vs default | Albumentations step CPU ms/image | peak RSS main (MiB) | peak RSS workers (MiB) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     median = {pipe: statistics.median(r["images_per_s"] for r in rs) for pipe, rs in runs.items()}
@@ -273,14 +303,25 @@ def main(argv=None) -> None:
     default = cpu.get("default")
     for pipe, rs in runs.items():
         # CPU time per image is what a pipeline adds; wall-clock images/s also moves with the machine's other load
-        baseline = pipe in {"decode", "stock", "default"}
-        rel = f"{100 * (cpu[pipe] / default - 1):+.1f}%" if default and not baseline else ""
+        rel = f"{100 * (cpu[pipe] / default - 1):+.1f}%" if default and pipe not in BASELINES else ""
         every = ", ".join(f"{r['images_per_s']:.0f}" for r in rs)
         steps = [r["step_cpu_ms"] for r in rs if r.get("step_cpu_ms") is not None]
         step = f"{statistics.median(steps):.2f}" if steps else ""
         print(f"| {pipe} | {median[pipe]:.0f} | {every} | {cpu[pipe]:.1f} | {rel} | {step} | "
               f"{max(r['peak_rss_mb'] for r in rs):.0f} | {max(r['workers_peak_rss_mb'] for r in rs):.0f} |")
 
+
+def print_paired(runs: dict[str, list[dict]]) -> None:
+    """Each configuration against stock, round by round: wall images/s and images per CPU second (per core)."""
+    print("\n| pipeline | vs stock, images/s per round | median | images per CPU-s per round | median |")
+    print("|---|---|---:|---|---:|")
+    for pipe, rs in runs.items():
+        if pipe in {"stock", "decode"}:
+            continue
+        wall = [r["images_per_s"] / s["images_per_s"] for r, s in zip(rs, runs["stock"])]
+        core = [s["cpu_ms_per_image"] / r["cpu_ms_per_image"] for r, s in zip(rs, runs["stock"])]
+        print(f"| {pipe} | {', '.join(f'{x:.2f}' for x in wall)} | **{statistics.median(wall):.2f}x** | "
+              f"{', '.join(f'{x:.2f}' for x in core)} | **{statistics.median(core):.2f}x** |")
 
 if __name__ == "__main__":
     main()

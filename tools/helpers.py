@@ -89,7 +89,7 @@ def stock_training_loader(data_yaml: Path, imgsz: int, batch: int, workers: int 
     from detector.yolo.loader import training_loader
 
     dataset, _, names = training_loader(data_yaml, None, imgsz, batch, workers=workers, seed=seed,
-                                        overrides=overrides)
+                                        overrides=overrides, loader="ultralytics")
     dataset.collate_fn = type(dataset).collate_fn  # undo detector's single-threaded collate
     return dataset, build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=-1), names
 

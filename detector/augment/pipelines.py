@@ -149,9 +149,9 @@ def _name(node) -> str:
 
 
 def _class(node: dict, source: str):
+    _albumentations()  # first: importing any albumentations module runs its update check unless offline is set
     from albumentations.core.serialization import SERIALIZABLE_REGISTRY, register_additional_transforms
 
-    _albumentations()
     register_additional_transforms()
     name = _name(node)
     if name == "Lambda":
@@ -227,9 +227,9 @@ def _check_tree(node: dict, source: str, imgsz: int) -> None:
 
 
 def _check_leaf(node: dict, cls, source: str, imgsz: int) -> None:
+    A = _albumentations()  # first, as in _class
     from albumentations.core.type_definitions import Targets
 
-    A = _albumentations()
     name = _name(node)
     targets = getattr(cls, "_targets", ())
     targets = targets if isinstance(targets, tuple) else (targets,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,10 @@ def _parse_line(fields: list[str], nc: int):
         bad = next(v for v in fields if not _is_number(v))
         return None, ("error", "fields", f"{bad!r} is not a number")
     cls = values[0]
-    if cls != int(cls) or not 0 <= cls < nc:
+    if not math.isfinite(cls) or cls != int(cls):  # nan, inf and 2.5 are no class id (int() would raise on the first two)
+        return None, ("error", "class", f"class id {fields[0]} is not a whole number; class ids are integers "
+                                        f"0..{nc - 1}")
+    if not 0 <= cls < nc:
         return None, ("error", "class", f"class id {fields[0]} is out of range; the YAML names {nc} classes (0..{nc - 1})")
     coords = values[1:]
     if n == 5:

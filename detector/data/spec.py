@@ -8,7 +8,9 @@ trigger a download and the run folder records exactly what was trained on.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +94,7 @@ def _images_in(root: Path, entry, split: str, yaml_path: Path) -> list[str]:
     for e in entries:
         p = (root / str(e)).resolve()
         if p.is_dir():
-            found += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found += _images_under(p, split, yaml_path)
         elif p.is_file() and p.suffix == ".txt":
             for line in p.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
@@ -108,15 +110,47 @@ def _images_in(root: Path, entry, split: str, yaml_path: Path) -> list[str]:
     return found
 
 
+def _images_under(folder: Path, split: str, yaml_path: Path) -> list[str]:
+    """The images Ultralytics reads from a folder: its recursive glob, which follows symlinks.
+
+    A symlink loop (a link to the folder itself or above it) would make that glob read
+    the same images again and again, dozens of copies; a folder reached twice is
+    read twice. Both are refused, naming the link.
+    """
+    seen: dict[str, str] = {}
+    for top, _, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # stop at the first repeat, or the walk itself would go round the loop
+            raise DatasetError(f"{yaml_path}: the {split} folder reaches {real} twice ({seen[real]} and {top}, "
+                               "through a symlink); Ultralytics would read its images more than once: remove the link")
+        seen[real] = top
+    files = glob.glob(str(folder / "**" / "*.*"), recursive=True)  # as Ultralytics' dataset lists them
+    return sorted(f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(f))
+
+
 def _names(raw: dict, yaml_path: Path) -> dict:
+    """Class id -> name, refused unless the ids are exactly 0..N-1 and nc (if given) is N."""
     names = raw.get("names")
     if isinstance(names, list):
         names = dict(enumerate(names))
     if not isinstance(names, dict) or not names:
         raise DatasetError(f"{yaml_path}: 'names:' is missing or empty; list the class names")
-    if raw.get("nc") is not None and int(raw["nc"]) != len(names):
-        raise DatasetError(f"{yaml_path}: nc is {raw['nc']} but 'names:' lists {len(names)} classes; make them agree")
-    return {int(k): str(v) for k, v in names.items()}
+    bad = [k for k in names if isinstance(k, bool) or not isinstance(k, int) and not str(k).strip().isdigit()]
+    if bad:
+        raise DatasetError(f"{yaml_path}: 'names:' has the key {bad[0]!r}; keys are class ids 0, 1, 2, ... "
+                           "(or give names as a list)")
+    names = {int(k): str(v) for k, v in names.items()}
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if missing or min(names) < 0:
+        gaps = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise DatasetError(f"{yaml_path}: 'names:' skips class id{'s' if len(missing) > 1 else ''} {gaps}; class ids "
+                           f"must run 0..N-1 without gaps: name every id or renumber the labels")
+    nc = raw.get("nc")
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int)):
+        raise DatasetError(f"{yaml_path}: nc is {nc!r}, not a whole number; set nc: {len(names)} or remove it")
+    if nc is not None and nc != len(names):
+        raise DatasetError(f"{yaml_path}: nc is {nc} but 'names:' lists {len(names)} classes; make them agree")
+    return names
 
 
 def _fingerprint(splits: dict) -> str:
@@ -150,6 +184,10 @@ def label_path(image: Path) -> Path:
 def load(yaml_path: str | Path) -> DatasetInfo:
     """Read and check a data YAML; raise DatasetError with one clear sentence when it cannot train."""
     yaml_path = Path(yaml_path).expanduser()
+    if yaml_path.is_dir():
+        inside = sorted(yaml_path.glob("*.yaml")) + sorted(yaml_path.glob("*.yml"))
+        hint = f" such as {inside[0]}" if inside else ""
+        raise DatasetError(f"{yaml_path} is a folder; pass its data YAML{hint} instead")
     if not yaml_path.is_file():
         raise DatasetError(f"data file {yaml_path} not found; pass --data with a YOLO data YAML")
     try:

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from detector.data import sources
+from detector.deploy import coco
 from detector.errors import ModelError, UsageError
 
 CSV_COLUMNS = ("image_id", "file_name", "category_id", "category_name", "score", "x", "y", "w", "h")
@@ -33,12 +34,13 @@ class PredictConfig:
     device: str = "cpu"
     batch: int = 16  # images handed to Ultralytics at once (memory bound, not a model batch)
     save_images: bool = True
+    coco_gt: Path | None = None  # a COCO instances JSON: image and category ids come from it
 
 
 def resolve_weights(weights: Path) -> Path:
     """A weights file or exported model folder; a run folder means its weights/best.pt."""
     weights = Path(weights).expanduser()
-    if weights.is_dir() and (weights / "weights").is_dir():
+    if weights.is_dir() and ((weights / "weights").is_dir() or (weights / "run.json").is_file()):
         best = weights / "weights" / "best.pt"
         if not best.is_file():
             raise ModelError(f"run folder {weights} has no weights/best.pt (did training finish an epoch?)")
@@ -66,11 +68,14 @@ def run(config: PredictConfig, echo=print) -> Path:
     names = sources.relative_names(files)
     for f in files:  # fail on a damaged image before writing anything
         sources.read(f)
+    remap = coco.Remap.for_images(config.coco_gt, names) if config.coco_gt else None  # every image listed there
     weights = resolve_weights(config.weights)
     from detector.yolo import checks, inference
 
     checks.device_info(config.device)  # a GPU asked for but absent: UsageError naming --device cpu
     model = inference.load_model(weights)
+    if remap:
+        remap.with_classes(model.names)
     out = Path(config.out or Path("predictions") / datetime.now().strftime("%Y%m%d-%H%M%S")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     echo(f"Predicting {len(files)} image(s) with {weights} on {config.device}...")
@@ -83,6 +88,7 @@ def run(config: PredictConfig, echo=print) -> Path:
             rows += detections(result, i, names[i])
             if config.save_images:
                 _save_image(out / "images" / names[i], result["plot"])
+    rows = remap.apply(rows) if remap else rows
     _write(out, rows)
     echo(f"{len(rows)} box(es) on {len(files)} image(s) above conf {config.conf}: "
          f"{out}/predictions.json, predictions.csv" + (", images/" if config.save_images else ""))

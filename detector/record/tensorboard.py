@@ -1,12 +1,14 @@
 """TensorBoard event files from a run's records (detector train --tensorboard, detector tensorboard RUN).
 
-The event files are written from iterations.csv and epochs.csv, never from a live
-trainer: TensorBoard then shows exactly the values the CSVs hold (the recorder's
-6 significant digits), a run trained without --tensorboard can be converted
-later, and a resumed run whose unfinished epoch was dropped from the CSVs is
-shown without it. Every numeric column becomes a series, so columns other parts
-add (grad_norm, grad_noise_scale) appear without a change here; the run's
-resolved configuration goes to TensorBoard's HParams dashboard.
+The event files hold exactly the cells the recorder writes to iterations.csv and
+epochs.csv (6 significant digits), never values read from a live trainer: while
+training, LiveWriter streams each row as the Recorder writes it (a Recorder
+listener); when training ends, `write` rebuilds the folder from the CSVs, so a
+resumed run whose unfinished epoch was dropped from the CSVs is shown without
+it. The same `write` converts runs trained without --tensorboard. Every numeric
+column becomes a series, so columns other parts add (grad_norm,
+grad_noise_scale) appear without a change here; the run's resolved
+configuration goes to TensorBoard's HParams dashboard.
 
 The files go to RUN/tensorboard/, written into a temporary folder and swapped
 into place, so a reader never sees half a conversion. Uses only the tensorboard
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -67,15 +70,17 @@ def hparams(meta: dict) -> dict:
     config = dict(meta.get("config") or {})
     ultralytics = dict(config.pop("ultralytics", None) or {})
     ultralytics.pop("augmentations", None)  # the pipeline is long; its preset name is config's `augment`
-    for key in ("command", "overrides", "sweep"):
+    for key in ("command", "overrides"):
         config.pop(key, None)  # argv, and what `ultralytics` already holds resolved
     flat = {**config, **{k: v for k, v in ultralytics.items() if k not in config}}
     flat.update({k: meta[k] for k in RUN_FACTS if meta.get(k) is not None})
     batch = meta.get("batch") or {}
     if batch.get("used") is not None:
         flat["batch_used"] = batch["used"]
-    sweep = (meta.get("config") or {}).get("sweep") or {}
-    flat.update({f"sweep_{k}": v for k, v in sweep.items()})  # a sweep's name, semantics and lr rule
+    for key, value in list(flat.items()):  # a sweep's name and lr rule, the starting weights' url and sha256
+        if isinstance(value, dict):
+            del flat[key]
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
     return {k: _hparam_value(v) for k, v in sorted(flat.items()) if v is not None}
 
 
@@ -199,12 +204,76 @@ def _plugin_event(data, kind: str, wall_time: float):
     return event_pb2.Event(wall_time=wall_time, step=0, summary=summary_pb2.Summary(value=[value]))
 
 
-def after_training(run_dir: Path, echo=print) -> None:
+class LiveWriter:
+    """Streams each row to RUN/tensorboard/ as the recorder writes it, so TensorBoard shows training live.
+
+    A Recorder listener (Recorder.listeners): it gets the cells exactly as written
+    to the CSVs. At the end of training `after_training` rewrites the folder from
+    the CSVs, which drops rows the CSVs dropped (an epoch redone or resumed).
+    Never stops training: after a failure it writes nothing more.
+    """
+
+    FLUSH_S = 5  # how stale TensorBoard's live view may get
+
+    def __init__(self, run_dir: Path, meta: dict):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        run = reader.Run(path=Path(run_dir), meta=meta, iterations=reader.Table(), epochs=reader.Table())
+        self._writer = EventFileWriter(str(Path(run_dir) / TB_DIR), flush_secs=self.FLUSH_S)
+        self._writer.add_event(_hparams_event(run, _started(meta)))
+
+    def iteration(self, cells: dict) -> None:
+        self._emit(cells, ITERATION_INDEX, "iteration", iteration_tag)
+
+    def epoch(self, cells: dict) -> None:
+        self._emit(cells, EPOCH_INDEX, "epoch", epoch_tag)
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _emit(self, cells: dict, index: tuple, step_column: str, tag) -> None:
+        if self._writer is None:
+            return
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            values = [summary_pb2.Summary.Value(tag=tag(c), simple_value=_cell(v))
+                      for c, v in cells.items() if c not in index and not math.isnan(_cell(v))]
+            if values:
+                self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(cells[step_column]),
+                                                       summary=summary_pb2.Summary(value=values)))
+        except Exception:  # a TensorBoard problem must not stop training; the final rewrite says what failed
+            self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+
+def _cell(text: str) -> float:
+    """A CSV cell as the reader reads it: a float, NaN when empty."""
+    try:
+        return float(text) if str(text).strip() else math.nan
+    except ValueError:
+        return math.nan
+
+
+def live(recorder, run_dir: Path) -> LiveWriter:
+    """Attach a LiveWriter to a recorder whose run.json is written; returns it (close it when training ends)."""
+    writer = LiveWriter(run_dir, recorder.read())
+    recorder.listeners.append(writer)
+    return writer
+
+
+def after_training(run_dir: Path, echo=print, stream: LiveWriter | None = None) -> None:
     """Write the event files at the end of `detector train --tensorboard`, whatever the run's outcome.
 
-    Called from a `finally`, so a failure here is reported as a line and never
-    hides why training stopped.
+    Replaces what the live stream wrote with the CSVs' final rows. Called from a
+    `finally`, so a failure here is reported as a line and never hides why
+    training stopped.
     """
+    if stream is not None:
+        stream.close()
     try:
         done = write(run_dir)
     except Exception as e:  # the run's own outcome matters more than its TensorBoard copy

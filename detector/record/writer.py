@@ -123,6 +123,9 @@ class Recorder:
         self.run_json = self.run_dir / RUN_JSON
         self.iterations = _CsvLog(self.run_dir / ITERATIONS_CSV)
         self.epochs = _CsvLog(self.run_dir / EPOCHS_CSV)
+        # Objects with iteration(cells) / epoch(cells), handed each row's cells exactly as written
+        # (TensorBoard's live writer, record.tensorboard.LiveWriter).
+        self.listeners: list = []
 
     # run.json -------------------------------------------------------------
     def read(self) -> dict:
@@ -172,10 +175,14 @@ class Recorder:
     def iteration(self, loss_names: list[str], row: dict) -> None:
         """Append one training iteration."""
         self.iterations.append(iteration_columns(loss_names), row)
+        for listener in self.listeners:
+            listener.iteration({c: _fmt(row.get(c)) for c in self.iterations.columns})
 
     def epoch(self, loss_names: list[str], row: dict) -> None:
         """Append one completed epoch."""
         self.epochs.append(epoch_columns(loss_names), row)
+        for listener in self.listeners:
+            listener.epoch({c: _fmt(row.get(c)) for c in self.epochs.columns})
 
     def keep_epochs_through(self, last_epoch: int) -> dict | None:
         """Drop rows of epochs after last_epoch (1-based) from both CSVs; return the last kept iteration row.

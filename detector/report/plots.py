@@ -162,3 +162,33 @@ def speed_memory(rows: list[dict], runs: list[Run], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
+
+
+def noise_scale(runs: list[Run], rows: list[dict], path: Path) -> Path | None:
+    """B_simple per epoch per run (log scale), with each run's images per optimizer step as a horizontal line."""
+    have = [r for r in runs if (c := r.epochs.get("grad_noise_scale")) is not None and np.any(c > 0)]
+    if not have:
+        return None  # runs recorded before the measure existed, or with --no-grad-stats
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    st = styles(runs)
+    for r in have:
+        ys = r.epochs.get("grad_noise_scale")
+        ok = ys > 0  # a non-positive |G|² estimate has no ratio; NaN compares False too
+        ax.plot(r.epochs.get("epoch")[ok], ys[ok], marker="o", markersize=3, label=label(r), **st[r.name])
+    seen = set()
+    for row in rows:
+        step = row.get("images_per_step") or row.get("batch_used")
+        if step and step not in seen:
+            seen.add(step)
+            color = st[row["run"]]["color"] if row["run"] in st else "0.3"
+            ax.axhline(step, color=color, linewidth=1, alpha=0.6, linestyle=(0, (6, 3)))
+            ax.annotate(f"{step} images/step", (1, step), xycoords=("axes fraction", "data"), ha="right",
+                        va="bottom", fontsize=8, color=color)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("B_simple = tr(Σ) / |G|²")
+    ax.set_title("Gradient noise scale per epoch (dashed: images per optimizer step of each run)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

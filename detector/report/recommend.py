@@ -142,7 +142,8 @@ def _noise(groups: list[_Batch], kind: analysis.Kind) -> str | None:
     per = []
     for g in groups:
         step = g.mean("images_per_step") or g.batch
-        per.append(f"{g.batch if kind.name != 'accumulate' else 'all'} at {step:.0f} images per step: "
+        who = "every run" if kind.name == "accumulate" else f"batch {g.batch}"
+        per.append(f"{who} at {step:.0f} images per step: "
                    f"{1 + bn / step:.1f}x the fewest steps, {1 + step / bn:.1f}x the fewest images")
         if kind.name == "accumulate":
             break
@@ -173,8 +174,37 @@ def held_fixed(runs: list[Run], rows: list[dict], kind: analysis.Kind) -> str:
             f"imgsz {cfg.get('imgsz', '?')}; model {runs[0].meta.get('model')}; the dataset.")
 
 
+def _same_sweep_command(runs: list[Run]) -> list[str] | None:
+    """The argv of the `detector sweep` every run came from, when they share one (else None)."""
+    cmds = {tuple((r.meta.get("config") or {}).get("command") or ()) for r in runs}
+    cmd = list(cmds.pop()) if len(cmds) == 1 else []
+    if len(cmd) < 2 or cmd[1] != "sweep":
+        return None
+    return ["detector", *cmd[1:]]
+
+
+def _with_seeds(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--seeds":
+            skip = True
+        elif not a.startswith("--seeds="):
+            out.append(a)
+    return out[:2] + ["--seeds", SEEDS_TO_SETTLE] + out[2:]
+
+
 def settle_command(runs: list[Run], rows: list[dict]) -> str:
-    """The detector sweep that would settle the question: these batches, three seeds, the first run's settings."""
+    """The detector sweep that would settle the question: these batches, three seeds, the same settings.
+
+    Runs of one sweep get their own command back with --seeds 0,1,2: re-running it
+    continues the same folder (finished runs are skipped). Other runs get a sweep
+    built from the first run's settings.
+    """
+    same = _same_sweep_command(runs)
+    if same:
+        return shlex.join(_with_seeds(same))
     cfg = runs[0].meta.get("config") or {}
     sweep = cfg.get("sweep") or {}
     batches = sorted({r["batch_used"] or r["batch_requested"] for r in rows}, key=lambda b: int(b))
@@ -182,15 +212,19 @@ def settle_command(runs: list[Run], rows: list[dict]) -> str:
     if sweep.get("semantics") == "true":
         args += ["--semantics", "true"] + (["--lr-scaling", sweep["lr_scaling"]] if sweep.get("lr_scaling") else [])
     for key, flag in (("data", "--data"), ("epochs", "--epochs"), ("imgsz", "--imgsz")):
-        if cfg.get(key) is not None and not (key != "data" and cfg.get("data") is None):
+        if cfg.get(key) is not None:
             args += [flag, str(cfg[key])]
     if cfg.get("model") and cfg["model"] != "yolo11n.yaml":
         args += ["--model", str(cfg["model"])]
     if sweep.get("sweep") and runs[0].path.parent.name == sweep["sweep"]:  # continue that sweep: same folder
         args += ["--project", str(runs[0].path.parent.parent), "--name", sweep["sweep"]]
-    by_sweep = {"nbs", "lr0", "optimizer"} if sweep.get("semantics") == "true" else {"nbs"}
+    by_sweep = {"nbs", "lr0"} if sweep.get("lr0") else {"nbs"}  # set per run by the sweep itself
     builtin = BUILTIN_OVERRIDES if cfg.get("data") is None else {}
-    for k, v in sorted((cfg.get("overrides") or {}).items()):
+    overrides = dict(cfg.get("overrides") or {})
+    if sweep.get("semantics") == "true":  # the sweep scaled lr0 from its base: give the base back
+        overrides.update({k: sweep[s] for k, s in (("optimizer", "optimizer"), ("lr0", "base_lr0")) if sweep.get(s)})
+        by_sweep = {"nbs"}
+    for k, v in sorted(overrides.items()):
         if k not in by_sweep and not (k in builtin and builtin[k] == v):
             args.append(f"{k}={v}")
     return shlex.join(args)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from detector.report import analysis
 from detector.report import plots
+from detector.report import recommend, timing
 from detector.record import reader as runs
 from detector.errors import RunDirError
 from detector.record.writer import now_iso
@@ -79,6 +80,8 @@ class Comparison:
     stats: dict[str, list[analysis.GroupStat]] = field(default_factory=dict)
     verdicts: list[str] = field(default_factory=list)
     figures: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption)
+    recommendation: recommend.Recommendation | None = None
+    time_to_accuracy: tuple[list[str], list[list[str]]] = ([], [])  # (header, rows)
 
     def cell(self, row: dict, key, fmt) -> str:
         value = key(row) if callable(key) else row.get(key)
@@ -111,6 +114,8 @@ def analyse(loaded: list) -> Comparison:
         notes.append(f"The runs record different loss terms ({detail}). Plots and totals compare what they share: "
                      f"{common}.")
     comp = Comparison(loaded, rows, kind, warnings, notes, {r.name: r.notes for r in loaded if r.notes})
+    comp.recommendation = recommend.recommend(loaded, rows, kind, warnings)
+    comp.time_to_accuracy = timing.rows(loaded)
     for metric, label in (("best_map50_95", "Best mAP50-95"), ("final_map50_95", "Final mAP50-95")):
         comp.stats[label] = analysis.group_stats(rows, metric)
     groups = comp.stats["Best mAP50-95"]
@@ -144,6 +149,9 @@ def _draw(comp: Comparison, plot_dir: Path) -> None:
          "loss means over-fitting."),
         (plots.speed_memory(comp.rows, rs, plot_dir / "speed_memory.png"),
          "Throughput and peak GPU memory per run."),
+        (plots.noise_scale(rs, comp.rows, plot_dir / "noise_scale.png"),
+         "The gradient noise scale B_simple measured in each epoch. Well below it, more images per step buy "
+         "nearly proportionally fewer steps; well above it, extra images per step are mostly wasted."),
     ]
     comp.figures = [(p, c) for p, c in figs if p is not None]
 
@@ -153,7 +161,10 @@ def default_out(run_dirs) -> Path:
     dirs = [Path(p).expanduser().resolve() for p in run_dirs]
     if len(dirs) == 1 and dirs[0].is_dir() and not (dirs[0] / runs.RUN_JSON).exists():
         return dirs[0]
-    return Path(os.path.commonpath([d.parent for d in dirs]))
+    common = Path(os.path.commonpath([d.parent for d in dirs]))
+    if common == Path(common.anchor) or common == Path.home().resolve():  # runs in unrelated folders
+        return Path.cwd() / "compare"
+    return common
 
 
 def compare(run_dirs, out_dir: str | Path) -> Path:
@@ -228,6 +239,7 @@ def markdown(comp: Comparison, out: Path) -> str:
     """The report as Markdown, with the plots linked as files beside it."""
     names = [r["run"] for r in comp.rows]
     lines = ["# Batch-size comparison", "", f"Generated {now_iso()} from {len(comp.runs)} run folder(s).", ""]
+    lines += _recommendation_md(comp)
     lines += [f"- {s}" for s in headline(comp)] + ["", "## What kind of comparison", "", comp.kind.text, ""]
     if comp.warnings:
         lines += ["## Warning: the runs differ in more than batch size", ""] + [f"- {w}" for w in comp.warnings] + [""]
@@ -245,11 +257,40 @@ def markdown(comp: Comparison, out: Path) -> str:
                   "|---" * len(STATS_HEAD) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in _stats_rows(comp)] + [""]
     lines += [f"**{v}**" + "\n" for v in comp.verdicts]
+    head, body = comp.time_to_accuracy
+    if body:
+        lines += ["## Time to accuracy", "", TTA_NOTE, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body] + [""]
     lines += ["## Plots", ""]
     for png, caption in comp.figures:
         lines += [f"![{png.stem}]({png.relative_to(out).as_posix()})", "", caption, ""]
     lines += ["## Terms", "", GLOSSARY, "", "## Run folders", ""] + [f"- `{r.path}`" for r in comp.runs]
     return "\n".join(lines) + "\n"
+
+
+TTA_NOTE = ("When each run first reached 50% and 90% of the best mAP50-95 of any compared run: wall time "
+            "(training and validation), images seen and optimizer steps at the end of that epoch.")
+
+
+def _recommendation_md(comp: Comparison) -> list[str]:
+    rec = comp.recommendation
+    if rec is None:
+        return []
+    out = ["## Recommendation", "", f"**{rec.verdict}**", ""] + [f"- {s}" for s in rec.evidence] + [""]
+    if rec.command:
+        out += ["To settle it:", "", "```", rec.command, "```", ""]
+    return out
+
+
+def _recommendation_html(comp: Comparison) -> list[str]:
+    e, rec = html.escape, comp.recommendation
+    if rec is None:
+        return []
+    out = ["<h2>Recommendation</h2>", f'<p class="verdict" id="recommendation">{e(rec.verdict)}</p>',
+           "<ul>" + "".join(f"<li>{e(s)}</li>" for s in rec.evidence) + "</ul>"]
+    if rec.command:
+        out.append(f"<p>To settle it:</p><pre><code>{e(rec.command)}</code></pre>")
+    return out
 
 
 CSS = """
@@ -285,6 +326,7 @@ def to_html(comp: Comparison) -> str:
              "<title>Batch-size comparison</title>", f"<style>{CSS}</style></head><body>",
              "<h1>Batch-size comparison</h1>",
              f'<p class="meta">Generated {e(now_iso())} from {len(comp.runs)} run folder(s).</p>',
+             *_recommendation_html(comp),
              "<ul>" + "".join(f"<li>{e(s)}</li>" for s in headline(comp)) + "</ul>",
              "<h2>What kind of comparison</h2>", f'<p class="kind">{e(comp.kind.text)}</p>']
     if comp.warnings:
@@ -305,6 +347,12 @@ def to_html(comp: Comparison) -> str:
                   "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in STATS_HEAD) + "</tr></thead>"
                   f"<tbody>{srows}</tbody></table>"]
     parts += [f'<p class="verdict">{e(v)}</p>' for v in comp.verdicts]
+    head, body = comp.time_to_accuracy
+    if body:
+        parts += ["<h2>Time to accuracy</h2>", f"<p>{e(TTA_NOTE)}</p>", "<table><thead><tr>"
+                  + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                  + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in body)
+                  + "</tbody></table>"]
     parts += ["<h2>Plots</h2>"]
     parts += [f"<figure>{_img(png)}<figcaption>{e(caption)}</figcaption></figure>" for png, caption in comp.figures]
     parts += ["<h2>Terms</h2>", f"<p>{e(GLOSSARY)}</p>", "<h2>Run folders</h2>",

@@ -66,19 +66,79 @@ def _probe_and_decide(config: TrainConfig, data, echo) -> batching.BatchDecision
     name = f"GPU {target['index']} ({target['name']})"
     echo(f"probing batch sizes {', '.join(map(str, opts.candidates))} on {name} at imgsz {imgsz} with "
          f"{train_labels} boxes per training image (densest image: {densest})...")
+    model = checks.check_model(config.model)
+    predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates, echo)
+    skipped = skip_by_prediction(predicted, budget)
+    for c in skipped:
+        echo(f"not probing batch {c}: the memory model predicts {predicted[c]:.2f} GB, over {SKIP_FACTOR:g} x the "
+             f"{budget:.2f} GB budget")
     started = time.perf_counter()
     measured = probe.probe_batch_memory(
-        checks.check_model(config.model), len(data.names), imgsz, opts.candidates, target["index"], train_labels,
-        val_labels, config.overrides.get("amp", True), stop_above_gb=budget)
+        model, len(data.names), imgsz, [c for c in opts.candidates if c not in skipped], target["index"],
+        train_labels, val_labels, config.overrides.get("amp", True), stop_above_gb=budget)
     seconds = time.perf_counter() - started
     decision = batching.decide_gpu([batching.Measurement(**m) for m in measured], target["total_memory_gb"],
                                    opts.safety, opts.candidates, data.train_images, config.nbs, devices=len(gpus),
                                    baseline_gb=target["baseline_gb"], device_name=name, imgsz=imgsz)
+    decision = with_predictions(decision, predicted, skipped)
     return replace(decision, probe={
         "device": name, "devices": len(gpus), "total_memory_gb": round(target["total_memory_gb"], 3),
         "baseline_gb": round(target["baseline_gb"], 3), "safety_fraction": opts.safety,
         "budget_gb": round(budget, 3), "imgsz": imgsz, "densest_image_boxes": densest,
         "train_boxes_per_image": train_labels, "val_boxes_per_image": val_labels, "seconds": round(seconds, 2)})
+
+
+# The probe skips a candidate whose predicted peak exceeds the budget by this factor: far outside the
+# model's error (within 20% of published figures), so the probe would only spend a failed step on it.
+SKIP_FACTOR = 1.5
+
+
+def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, candidates,
+                    echo) -> dict[int, float]:
+    """The memory model's peak reserved GiB per candidate (training or validation), or {} when it cannot run."""
+    try:
+        settings = memory_settings(config, model, nc, imgsz, densest)
+        return {p.batch: p.peak_gb for p in predict_candidates(settings, candidates)}
+    except Exception as e:  # noqa: BLE001  the prediction only advises the probe: never fail a training over it
+        echo(f"memory model unavailable ({type(e).__name__}: {e}); probing every candidate")
+        return {}
+
+
+def memory_settings(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int):
+    """The memory model's settings for a training config: amp, optimizer and the probe's label load."""
+    from detector.yolo import memory
+
+    train_boxes, val_boxes = label_load(densest, config.overrides)
+    return memory.MemorySettings(model=model, nc=nc, imgsz=imgsz, amp=memory.parse_amp(config.overrides.get("amp", True)),
+                                 optimizer=memory.parse_optimizer(config.overrides.get("optimizer", "auto")),
+                                 train_boxes=train_boxes, val_boxes=val_boxes, nbs=config.nbs)
+
+
+def predict_candidates(settings, candidates) -> list:
+    """The memory model's prediction per candidate batch (one model build)."""
+    from detector.yolo import memory
+
+    model = memory.MemoryModel(settings)
+    return [model.predict(b) for b in sorted(candidates)]
+
+
+def skip_by_prediction(predicted: dict[int, float], budget_gb: float) -> set[int]:
+    """Candidates the model puts above SKIP_FACTOR x the budget, and every larger one (memory grows with batch)."""
+    over = [c for c, gb in predicted.items() if gb > SKIP_FACTOR * budget_gb]
+    return {c for c in predicted if over and c >= min(over)}
+
+
+def with_predictions(decision: batching.BatchDecision, predicted: dict[int, float], skipped) -> batching.BatchDecision:
+    """The decision table with each candidate's predicted peak beside its measurement, skipped ones said so."""
+    rows = []
+    for r in decision.table:
+        c = r.per_device_batch if r.per_device_batch is not None else r.batch
+        gb = predicted.get(c)
+        row = replace(r, predicted_peak_gb=None if gb is None else round(gb, 3))
+        if c in skipped:
+            row = replace(row, note=f"not probed: predicted {gb:.2f} GB, over {SKIP_FACTOR:g} x the budget")
+        rows.append(row)
+    return replace(decision, table=rows)
 
 
 def describe(decision: batching.BatchDecision) -> str:

@@ -34,6 +34,7 @@ class PlanRow:
     val_peak_gb: float | None = None
     allocated_peak_gb: float | None = None
     note: str | None = None
+    predicted_peak_gb: float | None = None  # the memory model's reserved peak, beside the probe's measurement
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def step_down(current: int, candidates) -> int | None:
 
 def decide_gpu(measurements, total_memory_gb: float, safety_fraction: float = DEFAULT_SAFETY,
                candidates=DEFAULT_CANDIDATES, n_images: int = 0, nbs: int = facts.NBS, devices: int = 1,
-               baseline_gb: float = 0.0, device_name: str = "the GPU", imgsz: int | None = None) -> BatchDecision:
+               baseline_gb: float = 0.0, device_name: str = "the GPU", imgsz: int | None = None,
+               basis: str = "measured") -> BatchDecision:
     """The largest candidate whose measured peak fits safety_fraction of the (smallest) GPU's memory.
 
     Candidates and measurements are per GPU. With several GPUs Ultralytics takes the
@@ -120,7 +122,8 @@ def decide_gpu(measurements, total_memory_gb: float, safety_fraction: float = DE
     already in use on that GPU outside PyTorch's allocator (CUDA context, other
     processes). A candidate counts only while every smaller one fits too: memory
     grows with the batch, so a gap means the measurement cannot be trusted.
-    Raises BatchError with the figures when even the smallest does not fit.
+    Raises BatchError with the figures when even the smallest does not fit. basis says
+    where the peaks come from: "measured" by the probe, or "predicted" by the memory model.
     """
     candidates = sorted(set(candidates))
     budget = budget_gb(total_memory_gb, check_safety(safety_fraction), baseline_gb)
@@ -138,7 +141,7 @@ def decide_gpu(measurements, total_memory_gb: float, safety_fraction: float = DE
     best = fitting[-1]
     m = by_batch[best.per_device_batch]
     reason = (f"batch {best.per_device_batch}{' per GPU' if devices > 1 else ''} is the largest candidate whose "
-              f"measured peak, {best.peak_gb:.2f} GB (training {m.train_peak_gb:.2f}, validation at batch "
+              f"{basis} peak, {best.peak_gb:.2f} GB (training {m.train_peak_gb:.2f}, validation at batch "
               f"{facts.val_batch(m.batch)} {m.val_peak_gb:.2f}), fits {safety_fraction:.0%} of {device_name}'s "
               f"{total_memory_gb:.1f} GB ({_budget_text(budget, baseline_gb)})")
     if devices > 1:

@@ -48,6 +48,9 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 
+    def __del__(self):  # an error between acquire and release must not keep the folder locked in this process
+        self.release()
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 

@@ -22,10 +22,27 @@ def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.Data
 
     # A cfg=FILE becomes plain KEY=VALUE arguments before the demo's defaults fill the gaps.
     config = with_builtin_defaults(replace(config, overrides=checks.expand_cfg(config.overrides)))
+    config = _stride_imgsz(config, echo)
 
     checks.check_overrides(config.overrides)
-    model = checks.check_model(config.model)  # refused before the dataset is read
+    from detector.weights import cache as weights_cache
+
+    source = weights_cache.resolve(config.model, config.download, echo)  # yolo11n.pt: cached, or fetched if asked
+    if source is not None:
+        config = replace(config, weights=source)  # run.json's config records path, URL and sha256
+    model = checks.check_model(source["path"] if source else config.model)  # refused before the dataset is read
     return config, dataset(config, echo), model
+
+
+def _stride_imgsz(config: TrainConfig, echo) -> TrainConfig:
+    """--imgsz as Ultralytics will train it (rounded up to the stride), said when it differs from what was asked."""
+    from detector import facts
+
+    if config.imgsz is None or config.imgsz == facts.stride_multiple(config.imgsz):
+        return config
+    used = facts.stride_multiple(config.imgsz)
+    echo(f"--imgsz {config.imgsz} is not a multiple of the model's stride {facts.STRIDE}: training at {used}")
+    return replace(config, imgsz=used, imgsz_requested=config.imgsz)
 
 
 def dataset(config: TrainConfig, echo) -> datasets.DatasetInfo:

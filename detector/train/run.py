@@ -166,14 +166,16 @@ def run(config: TrainConfig, echo=print) -> Path:
         "config": {**config.record(), "ultralytics": jsonable(ul_args)},
         "dataset": data.summary(), "model": config.model, "device": device, "batch": decision.summary(),
         "nbs": config.nbs, "augmentations": pipeline.record(), "versions": checks.versions(),
+        "loader": checks.training_loader(config.overrides),  # the trainer reads it back on resume and step-down
         "events": [],
     })
     started = time.time()
+    stream = tensorboard.live(recorder, run_dir) if config.tensorboard else None  # TensorBoard as it trains
     try:
         _supervise(recorder, run_dir, lambda: stepdown.train(ul_args, run_dir, recorder, config.batch.candidates, echo))
     finally:  # interrupted or failed runs get their event files too, as far as they got
         if config.tensorboard:
-            tensorboard.after_training(run_dir, echo)
+            tensorboard.after_training(run_dir, echo, stream)
         lock.release()
     echo(f"run {run_dir} completed in {time.time() - started:.0f} s")
     return run_dir
@@ -226,11 +228,12 @@ def _resume(config: TrainConfig, run_dir: Path, echo) -> Path:
         work = lambda: final.final_validation(run_dir, recorder, config.device)  # noqa: E731
     else:
         echo(f"resuming {run_dir} from {last}")
+    stream = tensorboard.live(recorder, run_dir) if with_tensorboard else None
     try:
         _supervise(recorder, run_dir, work)
     finally:
         if with_tensorboard:
-            tensorboard.after_training(run_dir, echo)
+            tensorboard.after_training(run_dir, echo, stream)
     return run_dir
 
 

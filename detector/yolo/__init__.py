@@ -8,6 +8,9 @@ original downloads weights. Modules:
 - trainer: the recording trainer, train/resume, out-of-memory as a typed error
 - callbacks: what the trainer's callbacks copy into the record (iterations, epochs, run state)
 - probe: measured GPU memory per candidate batch (CUDA only)
+- memory: predicted GPU memory without a GPU (fakerun: the trainer's steps on fake tensors;
+  tracking: storage counting, emulated CUDA autocast, planned data-dependent answers;
+  allocator: PyTorch's caching allocator replayed, pure Python)
 - loader: Albumentations steps and Ultralytics' training loader
 - inference: load, export, raw forward passes and predict
 """

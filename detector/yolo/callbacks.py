@@ -167,7 +167,8 @@ class EpochRows:
 
     def __init__(self, rec: Recorder, p: Progress):
         self.rec, self.p = rec, p
-        self._row_written = self._progress_written = None  # epoch (1-based) whose row/progress is out
+        # (iteration, epoch) whose row / progress is written: the epoch's row goes out once, before its checkpoint
+        self._row_written = self._progress_written = None
 
     def before_checkpoint(self, trainer) -> None:
         self._write_row(trainer, epoch_time=time.time() - trainer.epoch_time_start)
@@ -186,7 +187,7 @@ class EpochRows:
 
     def _write_row(self, trainer, epoch_time: float) -> None:
         p, m, epoch = self.p, trainer.metrics or {}, trainer.epoch + 1
-        if self._row_written == (id(p), p.iteration, epoch):
+        if self._row_written == (p.iteration, epoch):
             return
         names = list(trainer.loss_names)
         row = {f"train_{k}": float(v) for k, v in (trainer.tloss or {}).items()}
@@ -200,7 +201,7 @@ class EpochRows:
             **p.epoch_extra,
         )
         self.rec.epoch(names, row)
-        self._row_written = (id(p), p.iteration, epoch)
+        self._row_written = (p.iteration, epoch)
         if row.get("map50_95") is not None and (p.best is None or row["map50_95"] > p.best["map50_95"]):
             p.best = {"epoch": row["epoch"], "map50_95": row["map50_95"], "map50": row["map50"]}
 

@@ -28,9 +28,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError):
+            e.filename = str(path)  # name the checkpoint the user knows, not the temporary file
         raise
     _fsync_dir(path.parent)
 

@@ -11,6 +11,7 @@ from ultralytics.cfg import DEFAULT_CFG_DICT
 from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 
 from detector.errors import ModelError, UsageError
+from detector.yolo import fastload
 from detector.yolo.inference import load_model
 
 
@@ -22,13 +23,23 @@ NOT_OPTIONS = frozenset({"mode", "task", "exist_ok", "save_dir", "cfg"})  # owne
 
 
 def check_overrides(overrides: dict) -> None:
-    """Refuse unknown Ultralytics training keys and keys that have their own option."""
-    unknown = sorted(set(overrides) - TRAIN_KEYS)
+    """Refuse unknown Ultralytics training keys and keys that have their own option.
+
+    `loader` (fast or ultralytics) is detector's own key: the trainer takes it out before Ultralytics sees the rest.
+    """
+    if "loader" in overrides:
+        fastload.check_loader(overrides["loader"])
+    unknown = sorted(set(overrides) - TRAIN_KEYS - {"loader"})
     if unknown:
         raise UsageError(f"unknown training argument {unknown[0]!r}; see 'detector train --help' for key=value options")
     owned = sorted(set(overrides) & CLI_OWNED)
     if owned:
         raise UsageError(f"set {owned[0]!r} with its own option (--{owned[0].replace('_', '-')}), not as key=value")
+
+
+def training_loader(overrides: dict) -> str:
+    """Which training loader the overrides ask for: detector's fast one unless loader=ultralytics."""
+    return fastload.check_loader(overrides.get("loader") or fastload.DEFAULT)
 
 
 def expand_cfg(overrides: dict) -> dict:

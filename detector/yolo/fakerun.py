@@ -65,21 +65,46 @@ def anchors_per_box(imgsz: int, strides, box_fraction: float) -> int:
     return max(sum(round(box_fraction * imgsz / float(s)) ** 2 for s in strides), 1)
 
 
-def run(model, spec: StepSpec, planner: Planner | None, fake: bool = True) -> Trace:
-    """Trace two training iterations (the second with optimizer state) and one validation batch at 2 x batch."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class Prepared:
+    """A model and its EMA copy moved into a fake mode (or kept real), reusable for any number of runs.
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    Fake ops change nothing, so the same fake weights serve every batch size: the
+    deep copies and the conversion, a third of a run's time, happen once.
+    """
+
+    def __init__(self, model, fake: bool = True, cache: bool = True):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+        if self.mode is not None:
+            self.mode.cache_enabled = cache
+        self.model, self.ema = _into_mode(model, self.mode)  # deepcopy of real tensors runs outside the fake mode
+
+    def reset(self) -> None:
+        """Forget what a run left: gradients and the loss criteria (rebuilt on first use, as a new trainer does)."""
+        for m in (self.model, self.ema):
+            m.zero_grad(set_to_none=True)
+            m.criterion = None
+
+
+def run(prepared: "Prepared | object", spec: StepSpec, planner: Planner | None, fake: bool = True) -> Trace:
+    """Trace two training iterations (the second with optimizer state) and one validation batch at 2 x batch."""
+    if not isinstance(prepared, Prepared):
+        prepared = Prepared(prepared, fake)
+    prepared.reset()
+    model, ema, mode = prepared.model, prepared.ema, prepared.mode
     tracker = StorageTracker(planner)
     with (mode if mode is not None else _nothing()):
-        model, ema = _into_mode(model, mode)
         tracker.adopt(_tensors(model), "weights")
         tracker.adopt(_tensors(ema), "ema")
         with tracker:
-            out = _train(model, ema, spec, tracker, planner)
-            if spec.val:
+            out, optimizer = _train(model, ema, spec, tracker, planner)
+            if spec.val:  # the optimizer and its state stay alive through validation, as in the trainer
                 out.val_start = len(tracker.trace)
                 _validate(ema, spec, tracker, planner)
+            del optimizer
+    prepared.reset()
+    tracker.close()
     out.events = tracker.trace
     return out
 
@@ -135,7 +160,7 @@ def _batch(n: int, imgsz: int, boxes: int, nc: int, half: bool = False) -> dict:
             "batch_idx": torch.arange(n).repeat_interleave(boxes).float()}
 
 
-def _train(model, ema, spec: StepSpec, tracker: StorageTracker, planner) -> Trace:
+def _train(model, ema, spec: StepSpec, tracker: StorageTracker, planner):
     """Two iterations as BaseTrainer._do_train runs them: forward and loss under autocast, backward, step, EMA."""
     from ultralytics.utils.torch_utils import unwrap_model
 
@@ -147,6 +172,7 @@ def _train(model, ema, spec: StepSpec, tracker: StorageTracker, planner) -> Trac
     # With accumulation (batch below nbs) gradients live on from the iteration before: the second
     # iteration starts with them. At batch >= nbs every iteration steps and zeroes them first.
     keep_grads = facts.accumulate(spec.batch, spec.nbs) > 1
+    pairs = ema_pairs(ema, model)
     for it in range(2):
         if planner is not None:
             planner.stage = "loss"
@@ -154,7 +180,10 @@ def _train(model, ema, spec: StepSpec, tracker: StorageTracker, planner) -> Trac
         batch = _batch(spec.batch, spec.imgsz, spec.boxes, nc)
         tracker.phase = "forward"
         with CudaAutocast(dtype or torch.float16, enabled=dtype is not None):
-            loss, _ = model(batch)
+            preds = model(batch["img"])  # model(batch) runs these two calls; split to label the loss's memory
+            tracker.phase = "loss"
+            loss, _ = model.loss(batch, preds)
+            del preds
         tracker.phase = "backward"
         loss.sum().backward()
         del batch, loss
@@ -166,26 +195,34 @@ def _train(model, ema, spec: StepSpec, tracker: StorageTracker, planner) -> Trac
         if it == 1 or not keep_grads:
             opt.zero_grad()
         tracker.phase = "ema"
-        _ema_update(ema, model)
+        _ema_update(ema, model, pairs)
     out.state = {tracker.storage_id(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)}
-    return out
+    return out, opt
 
 
-def _ema_update(ema, model) -> None:
+def ema_pairs(ema, model) -> tuple[list, list]:
+    """ModelEMA's lists of (EMA tensor, model tensor), built once from the state dicts as it does."""
+    msd = model.state_dict()
+    pairs = [(v, msd[k]) for k, v in ema.state_dict().items() if v.dtype.is_floating_point]
+    return [v for v, _ in pairs], [m for _, m in pairs]
+
+
+def _ema_update(ema, model, pairs) -> None:
     """ModelEMA.update: one foreach lerp of the EMA's float tensors towards the model's."""
     with torch.no_grad():
-        msd = model.state_dict()
-        pairs = [(v, msd[k]) for k, v in ema.state_dict().items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([v for v, _ in pairs], [m.detach() for _, m in pairs], 1 - 0.9999)
+        torch._foreach_lerp_(pairs[0], pairs[1], 1 - 0.9999)
 
 
 def _validate(ema, spec: StepSpec, tracker: StorageTracker, planner) -> None:
     """The validator during training: fp16 images, fp32 EMA under autocast, validation loss, then NMS."""
+    import torchvision  # noqa: F401  (a training has it loaded, so NMS takes torchvision's kernel, as here)
     from ultralytics.utils import nms
 
     dtype = AMP_DTYPES[spec.amp]
     n = facts.val_batch(spec.batch)
-    with torch.inference_mode():
+    # no_grad, not the validator's inference_mode: the same storages, but under inference_mode the
+    # head's scalar stride reaches the fake mode as a data-dependent read the planner cannot answer.
+    with torch.no_grad():
         if planner is not None:
             planner.stage = "loss"
         tracker.phase = "val_batch"
@@ -199,7 +236,10 @@ def _validate(ema, spec: StepSpec, tracker: StorageTracker, planner) -> None:
         tracker.phase = "nms"
         if planner is not None:
             planner.stage = "nms"
-        nms.non_max_suppression(preds, 0.001, 0.7, multi_label=True, max_det=300,
+        # NMS runs image by image and every image costs the same: two images show its memory in a tenth
+        # of the time of all of them.
+        first = (preds[0][:2], preds[1]) if isinstance(preds, tuple) else preds[:2]
+        nms.non_max_suppression(first, 0.001, 0.7, multi_label=True, max_det=300,
                                 end2end=getattr(ema, "end2end", False))
 
 

@@ -11,7 +11,7 @@ appendix A):
   the estimate is unbiased.
 - accumulate = 1 (every iteration a step, as in the built-in demo): two consecutive
   steps' gradients are the small batches and their image-weighted mean the large one
-  (2b images). The second gradient is taken after one update, so the large batch
+  (2b images), every step paired with the one before (overlapping pairs). The second gradient is taken after one update, so the large batch
   mixes two weight states: when the true gradient turns between steps |G_2b|² comes
   out low, so |G|² is biased low and B_simple high, by an amount that grows with the
   learning rate (tools/bench_gradnoise.py measures it against the exhaustive value).
@@ -56,7 +56,6 @@ class GradNoise:
         self.p = progress
         self.avg = NoiseAverage()
         self._params: list = []
-        self._n_images: int | None = None
         self._epoch: int | None = None
         self._stepped = False
         self._reset_group()
@@ -70,10 +69,6 @@ class GradNoise:
     def on_pretrain_routine_end(self, trainer) -> None:
         model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
         self._params = [q for q in model.parameters() if q.requires_grad]
-        try:
-            self._n_images = len(trainer.train_loader.dataset)
-        except (AttributeError, TypeError):
-            self._n_images = None
 
     def on_train_epoch_start(self, trainer) -> None:
         epoch = trainer.epoch + 1
@@ -127,14 +122,14 @@ class GradNoise:
             self._prev = flat
             return
         if len(self._smalls) > 1:  # accumulation: micro-batches and their step, at the same weights
-            self.avg.add_group(self._smalls, float(flat.dot(flat)) / self._images**2, self._images, self._n_images)
+            self.avg.add_group(self._smalls, float(flat.dot(flat)) / self._images**2, self._images)
             self._reset_group()
-        elif self._pending is None:
+        else:  # accumulate = 1: this step and the previous one make the large batch
+            if self._pending is not None:
+                f0, s0, b0 = self._pending
+                big = f0 + flat  # both are b x per-image gradient: the sum is (b0 + b) x the mean
+                total = b0 + images
+                self.avg.add_group([(s0, b0), (micro_sq, images)], float(big.dot(big)) / total**2, total)
+            # Overlapping pairs (1-2, 2-3, ...): twice the pairs of disjoint ones for no extra backward pass.
             self._pending = (flat, micro_sq, images)
             self._prev, self._smalls, self._images = None, [], 0
-        else:  # accumulate = 1: this step and the previous one make the large batch
-            f0, s0, b0 = self._pending
-            big = f0 + flat  # both are b x per-image gradient: the sum is (b0 + b) x the mean
-            total = b0 + images
-            self.avg.add_group([(s0, b0), (micro_sq, images)], float(big.dot(big)) / total**2, total, self._n_images)
-            self._reset_group()

@@ -12,6 +12,7 @@ from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.utils import LOGGER, RANK
 
 from detector.errors import AugmentError
+from detector.yolo import fastload
 
 
 # -- Albumentations pipelines and the training loader (issue 4: detector/augment.py, preview, bench) -------------------
@@ -128,10 +129,14 @@ def training_loader(data_yaml: Path, transforms: list[dict] | None, imgsz: int, 
 
     transforms None keeps Ultralytics' default Albumentations set. Images are read from disk as batches
     need them; only `cache=ram`/`cache=disk` in overrides changes that. The collate is single-threaded as in
-    training.
+    training. loader (or `loader` in overrides) picks the pipeline as training does: detector's fast one by
+    default, "ultralytics" for the stock one.
     """
+    overrides = dict(overrides or {})
+    asked = overrides.pop("loader", None)  # a KEY=VALUE of detector's, not of Ultralytics
+    loader = fastload.check_loader(loader or asked or fastload.DEFAULT)
     from ultralytics.cfg import get_cfg
-    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data import build_dataloader
     from ultralytics.data.utils import check_det_dataset
     from ultralytics.utils.torch_utils import init_seeds
 
@@ -142,7 +147,7 @@ def training_loader(data_yaml: Path, transforms: list[dict] | None, imgsz: int, 
     cfg = get_cfg(DEFAULT_CFG, args)
     data = check_det_dataset(str(data_yaml))
     init_seeds(cfg.seed + 1 + RANK, deterministic=cfg.deterministic)  # as BaseTrainer.__init__ seeds
-    dataset = build_yolo_dataset(cfg, data["train"], batch, data, mode="train", stride=32)  # LOADER
+    dataset = fastload.build_dataset(cfg, data["train"], batch, data, mode="train", stride=32, loader=loader)
     single_thread_collate(dataset)
     loader = build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=-1, device="cpu")
     return dataset, loader, data["names"]

@@ -91,18 +91,19 @@ class _ProbeModel:
             del batch, loss
 
     def validate(self, n: int, imgsz: int, labels: int) -> None:
-        """The validator's pass: half-precision EMA forward, validation loss and NMS."""
+        """The validator's pass in training (8.4): fp16 images, fp32 EMA under autocast, validation loss, NMS."""
         from ultralytics.utils import nms
+        from ultralytics.utils.torch_utils import autocast
 
         half = bool(self.amp) and self.device.type == "cuda"
-        model = self.ema.half() if half else self.ema.float()
+        model = self.ema.float()
         with torch.inference_mode():
             batch = self.batch(n, imgsz, labels, half=half)
-            preds = model(batch["img"])
-            model.loss(batch, preds)
+            with autocast(half, device=self.device.type):
+                preds = model(batch["img"])
+                model.loss(batch, preds)
             nms.non_max_suppression(preds, 0.001, 0.7, multi_label=True, max_det=300,
                                     end2end=getattr(model, "end2end", False))
-        self.ema.float()
 
 
 def _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, val_labels, amp, stop_above_gb):

@@ -26,12 +26,16 @@ from detector.yolo.allocator import round_size
 aten = torch.ops.aten
 
 
+_FRESH: dict = {}
+
+
 def _fresh_returns(func) -> list[bool]:
     """Per return of an op, whether it is a new tensor (no alias annotation: not a view, not in place, not out=)."""
-    schema = getattr(func, "_schema", None)
-    if schema is None:
-        return []
-    return [r.alias_info is None for r in schema.returns]
+    hit = _FRESH.get(func)
+    if hit is None:
+        schema = getattr(func, "_schema", None)
+        hit = _FRESH[func] = [] if schema is None else [r.alias_info is None for r in schema.returns]
+    return hit
 
 
 class StorageTracker(TorchDispatchMode):
@@ -49,6 +53,7 @@ class StorageTracker(TorchDispatchMode):
         self.phase = "other"
         self.planner = planner
         self._ids: dict[int, int] = {}  # id(storage object) -> storage id, while it lives
+        self._finalizers: dict[int, weakref.finalize] = {}
         self._next = 0
 
     def adopt(self, tensors, phase: str) -> None:
@@ -68,14 +73,24 @@ class StorageTracker(TorchDispatchMode):
         if key in self._ids:
             return
         size = round_size(storage.nbytes())
+        if size == 0:  # an empty tensor allocates nothing on CUDA either
+            return
         sid, self._next = self._next, self._next + 1
         self._ids[key] = sid
         self.trace.append((size, sid, phase))
         self.live += size
         self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._release, key, sid, size)
+        self._finalizers[sid] = weakref.finalize(storage, self._release, key, sid, size)
+
+    def close(self) -> None:
+        """Stop watching what is still alive (the weights), so a finished trace is not kept or appended to."""
+        for f in self._finalizers.values():
+            f.detach()
+        self._finalizers.clear()
+        self._ids.clear()
 
     def _release(self, key: int, sid: int, size: int) -> None:
+        self._finalizers.pop(sid, None)
         if self._ids.get(key) == sid:
             del self._ids[key]
         self.trace.append((-size, sid, ""))
@@ -83,7 +98,7 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        answer = self.planner.answer(func, args, kwargs) if self.planner else NotImplemented
+        answer = self.planner.answer(func, args, kwargs) if self.planner and _asks(func) else NotImplemented
         out = func(*args, **kwargs) if answer is NotImplemented else answer
         fresh = _fresh_returns(func)
         outs = out if isinstance(out, (tuple, list)) and len(fresh) > 1 else (out,)
@@ -111,20 +126,22 @@ class Planner:
     def answer(self, func, args, kwargs):
         """The planned output of a data-dependent op, or NotImplemented to run the op itself."""
         if func is aten._local_scalar_dense.default:
-            t = args[0]
-            return True if t.dtype == torch.bool else (self.boxes if not t.dtype.is_floating_point else 1.0)
+            return self._scalar(args[0])
         if func is aten.nonzero.default:
-            return self._nonzero(args[0])
+            return self._nonzero(args[0], self._count(tuple(args[0].shape)))
         if func is aten._unique2.default:
-            return self._unique(args[0], *args[1:], **kwargs)
-        if func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            return self._unique(args[0], self._unique_count(args[0]), *args[1:], **kwargs)
+        if func is aten.index.Tensor and any(_is_mask(i) for i in args[1]):
             idx = []
             for i in args[1]:
-                idx += list(self._nonzero(i).unbind(1)) if i is not None and i.dtype == torch.bool else [i]
+                idx += list(self._nonzero(i, self._count(tuple(i.shape))).unbind(1)) if _is_mask(i) else [i]
             return func(args[0], idx)
-        if getattr(func, "_schema", None) is not None and func._schema.name == "torchvision::nms":
-            return torch.empty(min(args[0].shape[0], self.max_det), dtype=torch.long, device=args[0].device)
+        if _is_nms(func):
+            return torch.empty(self._kept(args[0].shape[0]), dtype=torch.long, device=args[0].device)
         return NotImplemented
+
+    def _scalar(self, t):
+        return True if t.dtype == torch.bool else (self.boxes if not t.dtype.is_floating_point else 1.0)
 
     def _count(self, shape) -> int:
         total = math.prod(shape)
@@ -136,15 +153,78 @@ class Planner:
             return min(shape[0] * self.boxes * self.topk, total)
         return total
 
-    def _nonzero(self, t):
-        return torch.empty(self._count(tuple(t.shape)), t.dim(), dtype=torch.long, device=t.device)
-
-    def _unique(self, t, sorted_=True, return_inverse=False, return_counts=False):
+    def _unique_count(self, t) -> int:
         # Only the loss asks, for the images of the batch (every image carries boxes).
-        n = len(t) // max(self.boxes, 1) if self.stage == "loss" else len(t)
-        return (torch.empty(max(n, 1), dtype=t.dtype, device=t.device),
+        return max(len(t) // max(self.boxes, 1), 1) if self.stage == "loss" else len(t)
+
+    def _kept(self, n: int) -> int:
+        return min(n, self.max_det)
+
+    @staticmethod
+    def _nonzero(t, count: int):
+        return torch.empty(count, t.dim(), dtype=torch.long, device=t.device)
+
+    @staticmethod
+    def _unique(t, n: int, sorted_=True, return_inverse=False, return_counts=False):
+        return (torch.empty(n, dtype=t.dtype, device=t.device),
                 torch.empty(t.shape if return_inverse else (0,), dtype=torch.long, device=t.device),
-                torch.empty(max(n, 1) if return_counts else 0, dtype=torch.long, device=t.device))
+                torch.empty(n if return_counts else 0, dtype=torch.long, device=t.device))
+
+
+class RecordingPlanner(Planner):
+    """Runs the data-dependent ops for real (real tensors) and records their answers for a ReplayPlanner."""
+
+    def __init__(self):
+        super().__init__(boxes=1, anchors_per_box=1)
+        self.answers: list = []
+
+    def answer(self, func, args, kwargs):
+        if func is aten.index.Tensor:
+            self.answers += [int(i.sum()) for i in args[1] if _is_mask(i)]
+            return NotImplemented
+        if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten._unique2.default) or _is_nms(func):
+            out = func(*args, **kwargs)
+            self.answers.append(out if func is aten._local_scalar_dense.default else
+                                (out[0] if isinstance(out, tuple) else out).shape[0])
+            return out
+        return NotImplemented
+
+
+class ReplayPlanner(Planner):
+    """Gives the fake run the answers a real run recorded, in the same order."""
+
+    def __init__(self, answers: list):
+        super().__init__(boxes=1, anchors_per_box=1)
+        self.answers = list(answers)
+
+    def _scalar(self, t):
+        return self.answers.pop(0)
+
+    def _count(self, shape) -> int:
+        return self.answers.pop(0)
+
+    def _unique_count(self, t) -> int:
+        return self.answers.pop(0)
+
+    def _kept(self, n: int) -> int:
+        return self.answers.pop(0)
+
+
+_ASKS = {aten._local_scalar_dense.default, aten.nonzero.default, aten._unique2.default, aten.index.Tensor}
+
+
+def _asks(func) -> bool:
+    """Whether an op may need the planner: the data-dependent ops and NMS."""
+    return func in _ASKS or _is_nms(func)
+
+
+def _is_mask(i) -> bool:
+    return isinstance(i, torch.Tensor) and i.dtype == torch.bool
+
+
+def _is_nms(func) -> bool:
+    schema = getattr(func, "_schema", None)
+    return schema is not None and schema.name == "torchvision::nms"
 
 
 # CUDA autocast's op lists (aten/src/ATen/autocast_mode.cpp), by the Python names they are called under.

@@ -15,12 +15,12 @@ from ultralytics import YOLO
 from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOCAL_RANK, RANK
-from ultralytics.utils.torch_utils import torch_distributed_zero_first
+from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
 from detector import facts
 from detector.errors import DeviceOutOfMemory
 from detector.record.writer import Recorder
-from detector.yolo import callbacks, checkpoints
+from detector.yolo import callbacks, checkpoints, fastload
 from detector.yolo.loader import single_thread_collate
 
 
@@ -32,7 +32,9 @@ class RecordingTrainer(DetectionTrainer):
     class alone: there the recorder is opened on the save folder.
     """
 
-    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, recorder: Recorder | None = None):
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, recorder: Recorder | None = None,
+                 loader: str = fastload.DEFAULT):
+        self.loader = loader  # which training pipeline build_dataset uses (fastload: "fast" or "ultralytics")
         super().__init__(cfg, overrides, _callbacks)
         self.progress = None
         if RANK in {-1, 0}:
@@ -40,7 +42,14 @@ class RecordingTrainer(DetectionTrainer):
             self.progress = callbacks.attach(self, self.recorder)
 
     def build_dataset(self, img_path, mode="train", batch=None):
-        return single_thread_collate(super().build_dataset(img_path, mode, batch))  # see single_thread_collate
+        if mode != "train" or self.loader == "ultralytics":  # validation always keeps Ultralytics' letterbox
+            return single_thread_collate(super().build_dataset(img_path, mode, batch))  # see single_thread_collate
+        gs = max(int(unwrap_model(self.model).stride.max()), 32)  # as DetectionTrainer.build_dataset
+        dataset = fastload.build_dataset(self.args, img_path, batch, self.data, mode=mode, stride=gs,
+                                         loader=self.loader)
+        if self.progress:  # what really runs: a configuration the fast pipeline lacks trains with the stock one
+            self.recorder.update(loader="fast" if getattr(dataset, "fast", False) else "ultralytics")
+        return single_thread_collate(dataset)
 
     def preprocess_batch(self, batch):
         batch = super().preprocess_batch(batch)
@@ -129,9 +138,12 @@ def release_device_memory() -> None:
 
 def _fit(spec: str, recorder: Recorder, trainer_cls: type, **train_args) -> dict:
     """YOLO(spec).train(**train_args); an out-of-memory error leaves as DeviceOutOfMemory, memory freed first."""
+    # `loader` is detector's key, not Ultralytics': taken out here; a resume or step-down keeps the recorded one
+    loader = fastload.check_loader(train_args.pop("loader", None) or recorder.read().get("loader")
+                                   or fastload.DEFAULT)
     model = YOLO(spec)
-    # Model.train builds the trainer as trainer(overrides=..., _callbacks=...): the partial adds the recorder.
-    factory = functools.partial(trainer_cls, recorder=recorder)
+    # Model.train builds the trainer as trainer(overrides=..., _callbacks=...): the partial adds recorder and loader.
+    factory = functools.partial(trainer_cls, recorder=recorder, loader=loader)
     try:
         model.train(trainer=factory, **train_args)
         return _outcome(model.trainer)

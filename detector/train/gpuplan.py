@@ -1,0 +1,162 @@
+"""`detector batch --gpu-memory`: the --batch auto decision for GPUs you do not have.
+
+The memory model (detector.yolo.memory) predicts each candidate's peak reserved
+memory for training and for validation at twice the batch; the decision is the
+very function `--batch auto` uses on CUDA (batching.decide_gpu), fed with those
+predictions and the CUDA context the model adds outside reserved memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from detector import facts
+from detector.config import TrainConfig
+from detector.errors import BatchError, UsageError
+from detector.train import batching
+
+
+def parse_gpu_sizes(text: str) -> tuple[float, ...]:
+    """'8,16,24' to GPU memory sizes in GB (GiB, as the GPU reports them); anything not positive is refused."""
+    sizes = []
+    for item in str(text).split(","):
+        item = item.strip().lower().removesuffix("gb").strip()
+        try:
+            size = float(item)
+        except ValueError:
+            size = float("nan")
+        if not size > 0 or size == float("inf"):
+            raise UsageError(f"--gpu-memory takes GPU memory sizes in GB such as 8,16,24, not {text!r}")
+        sizes.append(size)
+    return tuple(sorted(set(sizes)))
+
+
+def check_counts(classes: int | None, boxes: int | None) -> None:
+    """--classes and --boxes-per-image, when given, must be at least 1."""
+    if classes is not None and classes < 1:
+        raise UsageError(f"--classes must be at least 1, not {classes}")
+    if boxes is not None and boxes < 1:
+        raise UsageError(f"--boxes-per-image must be at least 1 (boxes on the densest image), not {boxes}")
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """Predictions per candidate, and per GPU size the batch --batch auto would choose."""
+
+    candidates: list  # memory.MemoryPrediction per candidate batch
+    context_gb: float
+    sizes: tuple
+    safety: float
+    decisions: dict = field(default_factory=dict)  # GPU size -> BatchDecision, or the reason nothing fits
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> dict:
+        return {_key(s): (d.chosen if isinstance(d, batching.BatchDecision) else None)
+                for s, d in self.decisions.items()}
+
+    def to_json(self) -> dict:
+        """The --json object: candidates with predicted GiB and fits per size, context_gb, chosen per size."""
+        rows = []
+        for p in self.candidates:
+            fits = {_key(s): _fits(self.decisions[s], p.batch) for s in self.sizes}
+            rows.append({"batch": p.batch, "predicted_train_gb": round(p.train_gb, 3),
+                         "predicted_val_gb": round(p.val_gb, 3), "predicted_peak_gb": round(p.peak_gb, 3),
+                         "predicted_train_allocated_gb": round(p.train_allocated_gb, 3),
+                         "predicted_val_allocated_gb": round(p.val_allocated_gb, 3),
+                         "breakdown_gb": p.breakdown, "fits": fits, "seconds": p.seconds})
+        reasons = {_key(s): (d.reason if isinstance(d, batching.BatchDecision) else d) for s, d in self.decisions.items()}
+        return {"candidates": rows, "context_gb": self.context_gb, "chosen": self.chosen, "reasons": reasons,
+                "batch_safety": self.safety, "settings": self.settings}
+
+
+def _key(size: float) -> str:
+    return f"{size:g}"
+
+
+def _fits(decision, batch: int) -> bool:
+    if not isinstance(decision, batching.BatchDecision):
+        return False
+    return any(r.per_device_batch == batch and r.fits for r in decision.table)
+
+
+def plan(config: TrainConfig, sizes, classes: int | None = None, boxes: int | None = None, echo=print) -> GpuPlan:
+    """Predict every candidate's memory and decide per GPU size, as --batch auto would on that GPU."""
+    from detector.train import autobatch
+
+    check_counts(classes, boxes)
+    names, n_images, densest, config, model = _dataset_facts(config, classes, boxes, echo)
+    opts = config.batch
+    imgsz = facts.largest_training_imgsz(config.imgsz or 640, config.overrides)
+    settings = autobatch.memory_settings(config, model, classes or len(names), imgsz, densest)
+    if not n_images:
+        echo(f"--classes {classes} and --boxes-per-image {boxes} given: the dataset is not read")
+    echo(f"model {config.model} at imgsz {imgsz}, {settings.nc} classes, {settings.train_boxes} boxes per training "
+         f"image ({densest} on the densest image{', x4 for mosaic' if settings.train_boxes > densest else ''}), "
+         f"amp {settings.amp}, optimizer {settings.optimizer}: predicting {len(opts.candidates)} candidates...")
+    started = time.perf_counter()
+    predictions = autobatch.predict_candidates(settings, opts.candidates)
+    seconds = time.perf_counter() - started
+    from detector.yolo.memory import CUDA_CONTEXT_GB
+
+    decisions = {s: decide_for_size(predictions, s, opts.safety, opts.candidates, n_images, config.nbs, imgsz)
+                 for s in sizes}
+    info = {"model": config.model, "imgsz": imgsz, "classes": settings.nc, "densest_image_boxes": densest,
+            "train_boxes_per_image": settings.train_boxes, "val_boxes_per_image": settings.val_boxes,
+            "amp": settings.amp, "optimizer": settings.optimizer, "train_images": n_images,
+            "seconds": round(seconds, 2)}
+    return GpuPlan(predictions, CUDA_CONTEXT_GB, tuple(sizes), opts.safety, decisions, info)
+
+
+def decide_for_size(predictions, size: float, safety: float, candidates, n_images: int, nbs: int, imgsz: int):
+    """batching.decide_gpu on a GPU of `size` GB fed with predictions; the error text when nothing fits."""
+    from detector.yolo.memory import CUDA_CONTEXT_GB
+
+    measured = [batching.Measurement(p.batch, p.train_gb, p.val_gb, None,
+                                     max(p.train_allocated_gb, p.val_allocated_gb)) for p in predictions]
+    try:
+        return batching.decide_gpu(measured, size, safety, candidates, n_images, nbs, baseline_gb=CUDA_CONTEXT_GB,
+                                   device_name=f"a {size:g} GB GPU", imgsz=imgsz, basis="predicted")
+    except BatchError as e:
+        return str(e)
+
+
+def _dataset_facts(config: TrainConfig, classes, boxes, echo):
+    """Class names, training images and the densest image's boxes; the dataset is not read when both are given."""
+    from detector.train import autobatch
+    from detector.train.preflight import prepare
+
+    if classes is not None and boxes is not None:
+        from detector.config import check_options, with_builtin_defaults
+        from detector.yolo import checks
+
+        check_options(config)
+        config = with_builtin_defaults(replace(config, overrides=checks.expand_cfg(config.overrides)))
+        checks.check_overrides(config.overrides)
+        model = checks.check_model(config.model)
+        return [str(i) for i in range(classes)], 0, boxes, config, model
+    config, data, model = prepare(config, echo)
+    densest = boxes if boxes is not None else autobatch.densest_labels(data)
+    echo(f"dataset {data.yaml}: {data.train_images} training images, {len(data.names)} classes, "
+         f"densest image {densest} boxes")
+    return list(data.names), data.train_images, densest, config, model
+
+
+def describe(result: GpuPlan) -> str:
+    """The plan as text: predicted GiB per candidate, fits per GPU size, then the choice per size."""
+    sizes = [f"{s:g} GB" for s in result.sizes]
+    head = ["batch", "train GB", "val GB (2x)", "peak GB", *sizes]
+    lines = [head]
+    doc = result.to_json()
+    for row in doc["candidates"]:
+        lines.append([str(row["batch"]), f"{row['predicted_train_gb']:.2f}", f"{row['predicted_val_gb']:.2f}",
+                      f"{row['predicted_peak_gb']:.2f}", *("fits" if row["fits"][_key(s)] else "no"
+                                                          for s in result.sizes)])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    out = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines]
+    out.append(f"GB are GiB of reserved memory (torch.cuda.memory_reserved); the fit test adds {result.context_gb:.2f} "
+               f"GB of CUDA context and allows {result.safety:.0%} of each GPU")
+    for s, d in result.decisions.items():
+        out.append(f"{s:g} GB: " + (f"batch {d.chosen}" if isinstance(d, batching.BatchDecision) else f"none ({d})"))
+    return "\n".join(out)

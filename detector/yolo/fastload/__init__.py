@@ -1,0 +1,44 @@
+"""detector's training loader: Ultralytics' augmentation distribution at a lower cost per image (issue 16).
+
+- geometry: mosaic layout, random affine and box filtering, drawn exactly as Ultralytics draws them
+- pipeline: FastTrainPipeline, the per-sample work (tiles resized straight into the output, HSV, flips, format)
+- dataset: FastYOLODataset (Ultralytics' YOLODataset with that pipeline and reduced-scale JPEG decoding)
+
+`loader=ultralytics` (KEY=VALUE) trains with Ultralytics' own pipeline instead.
+"""
+
+from __future__ import annotations
+
+LOADERS = ("fast", "ultralytics")
+DEFAULT = "fast"
+
+
+def check_loader(name) -> str:
+    """The loader name, or UsageError naming the choices."""
+    from detector.errors import UsageError
+
+    if name not in LOADERS:
+        raise UsageError(f"loader={name!r} is not a loader; use loader=fast (the default) or loader=ultralytics")
+    return name
+
+
+def build_dataset(cfg, img_path, batch: int, data: dict, mode: str = "train", rect: bool = False, stride: int = 32,
+                  loader: str = DEFAULT):
+    """The dataset Ultralytics' build_yolo_dataset would build, with detector's pipeline for training when asked.
+
+    Validation (mode != "train") and any task other than plain detection stay Ultralytics' own.
+    """
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.utils import colorstr
+
+    if loader == "ultralytics" or mode != "train" or cfg.task != "detect" or data.get("complete"):
+        return build_yolo_dataset(cfg, img_path, batch, data, mode=mode, rect=rect, stride=stride)
+    from ultralytics.data.utils import get_split_fraction
+
+    from detector.yolo.fastload.dataset import FastYOLODataset
+
+    return FastYOLODataset(
+        img_path=img_path, imgsz=cfg.imgsz, batch_size=batch, augment=True, hyp=cfg, rect=cfg.rect or rect,
+        cache=cfg.cache or None, single_cls=cfg.single_cls or False, stride=stride, pad=0.0,
+        prefix=colorstr("train: "), task=cfg.task, classes=cfg.classes, data=data,
+        fraction=get_split_fraction(cfg.fraction, "train"))

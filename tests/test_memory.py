@@ -1,0 +1,203 @@
+"""The GPU memory model without a GPU (issue 11): allocator rules, fake run = real run, physics, decisions, CLI.
+
+The fake run is checked against a real CPU run of the same steps with the same
+tracker (exact bytes); the caching allocator model against PyTorch's rules; the
+decision per GPU size is batching.decide_gpu fed with predictions, as on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from detector.cli import main
+from detector.errors import UsageError
+from detector.train import autobatch, batching, gpuplan
+from detector.yolo.allocator import CachingAllocator, round_size, segment_size
+
+MIB = 1 << 20
+
+
+# -- the caching allocator model --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_bytes, rounded, segment", [
+    (1, 512, 2 * MIB), (512, 512, 2 * MIB), (513, 1024, 2 * MIB), (MIB, MIB, 2 * MIB),  # small pool
+    (MIB + 1, MIB + 512, 20 * MIB), (10 * MIB - 512, 10 * MIB - 512, 20 * MIB),  # large pool, 20 MiB segments
+    (10 * MIB, 10 * MIB, 10 * MIB), (11 * MIB, 11 * MIB, 12 * MIB),  # 10 MiB and up: rounded to 2 MiB
+])
+def test_allocator_sizes(request_bytes, rounded, segment):
+    assert round_size(request_bytes) == rounded and segment_size(rounded) == segment
+
+
+def test_allocator_best_fit_split_and_merge():
+    a = CachingAllocator()
+    a.malloc(1, 3 * MIB)  # a 20 MiB segment, split: 17 MiB stay cached
+    a.malloc(2, 5 * MIB)  # served from the cached rest
+    assert (a.reserved, a.allocated) == (20 * MIB, 8 * MIB)
+    a.malloc(3, 12 * MIB)  # 12 MiB fit in the 12 MiB left: no new segment
+    assert a.reserved == 20 * MIB
+    a.free(1), a.free(2)  # neighbours merge into one 8 MiB free block
+    a.malloc(4, 8 * MIB)
+    assert a.reserved == 20 * MIB
+    a.malloc(5, 1000)  # small requests never take large-pool blocks
+    assert a.reserved == 22 * MIB and a.peak_reserved == 22 * MIB
+    a.free(3), a.free(4), a.free(5)
+    assert a.allocated == 0 and a.reserved == 22 * MIB  # segments stay cached
+    a.reset_peak()
+    assert a.peak_allocated == 0 and a.peak_reserved == 22 * MIB
+
+
+# -- the fake run against a real CPU run ------------------------------------------------------------------------
+
+
+def test_fake_peak_equals_real_cpu_run():
+    """Same steps, same tracker: the fake run's trace is byte for byte the real CPU run's."""
+    import torch
+
+    from detector.yolo import fakerun
+    from detector.yolo.tracking import RecordingPlanner, ReplayPlanner
+
+    torch.manual_seed(0)
+    model = fakerun.build_model("yolo11n.yaml", 3)
+    spec = fakerun.StepSpec(batch=2, imgsz=64, boxes=3, val_boxes=2, amp="off")
+    recorded = RecordingPlanner()
+    real = fakerun.run(model, spec, recorded, fake=False)
+    fake = fakerun.run(model, spec, ReplayPlanner(recorded.answers), fake=True)
+    assert [e[0] for e in fake.events] == [e[0] for e in real.events]
+    assert _peak(fake.events) == _peak(real.events) > 0
+    assert len(fake.grads) == len(real.grads) and len(fake.state) == len(real.state) > 0
+
+
+def _peak(events) -> int:
+    live = peak = 0
+    for nbytes, _, _ in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+# -- physics ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    """yolo11n at 160 px: batch 4/8/16 with AMP and AdamW, 8 without AMP and with SGD, 8 at 224 px."""
+    from detector.yolo import memory
+
+    def model(**kw):
+        return memory.MemoryModel(memory.MemorySettings(model="yolo11n.yaml", nc=3, train_boxes=4, **kw))
+
+    amp = model(imgsz=160)
+    return {"amp": {b: amp.predict(b) for b in (4, 8, 16)}, "224": model(imgsz=224).predict(8),
+            "fp32": model(imgsz=160, amp="off", optimizer="SGD").predict(8)}
+
+
+def test_memory_grows_with_batch_and_imgsz(predictions):
+    p = predictions["amp"]
+    assert p[4].train_gb < p[8].train_gb < p[16].train_gb
+    assert p[4].val_gb < p[8].val_gb < p[16].val_gb
+    assert p[4].peak_gb <= p[8].peak_gb <= p[16].peak_gb
+    assert predictions["224"].train_allocated_gb > p[8].train_allocated_gb
+
+
+def test_amp_below_fp32_and_sgd_state_half_of_adamw(predictions):
+    amp, fp32 = predictions["amp"][8], predictions["fp32"]
+    assert amp.train_allocated_gb < fp32.train_allocated_gb
+    assert amp.breakdown["activations"] < fp32.breakdown["activations"]
+    assert fp32.breakdown["optimizer_state"] == pytest.approx(amp.breakdown["optimizer_state"] / 2, rel=0.05)
+
+
+def test_breakdown_adds_up(predictions):
+    p = predictions["amp"][8]
+    b = p.breakdown
+    parts = sum(v for k, v in b.items() if k != "allocator_overhead")
+    assert parts == pytest.approx(p.train_allocated_gb, rel=0.02)  # blocks too small to split add a little
+    assert b["weights"] == pytest.approx(2 * b["gradients"], rel=0.05)  # model and EMA weights; one gradient each
+    assert b["optimizer_state"] == pytest.approx(2 * b["gradients"], rel=0.05)  # AdamW: two moments
+    assert b["allocator_overhead"] >= 0
+
+
+# -- the decision per GPU size ----------------------------------------------------------------------------------
+
+
+def _pred(batch, train, val):
+    from detector.yolo.memory import MemoryPrediction
+
+    return MemoryPrediction(batch, train, val, train * 0.8, val * 0.5)
+
+
+PREDICTED = [_pred(16, 3.0, 3.4), _pred(32, 5.8, 6.5), _pred(64, 11.4, 12.8)]
+
+
+@pytest.mark.parametrize("size, chosen", [
+    (4, None), (6, 16), (8, 16), (10, 32), (12, 32), (16, 64), (24, 64), (80, 64),
+])
+def test_choice_per_gpu_size(size, chosen):
+    """decide_gpu fed with predictions plus the CUDA context: the batch --batch auto would take on that GPU."""
+    d = gpuplan.decide_for_size(PREDICTED, size, 0.85, (16, 32, 64), 1000, 64, 640)
+    assert (d.chosen if isinstance(d, batching.BatchDecision) else None) == chosen
+    if chosen is None:
+        assert "no batch size fits" in d
+    else:
+        assert "predicted peak" in d.reason
+
+
+def test_probe_skips_what_the_model_puts_far_over_budget():
+    predicted = {16: 3.4, 32: 6.5, 64: 12.8}
+    assert autobatch.skip_by_prediction(predicted, 10.0) == set()
+    assert autobatch.skip_by_prediction(predicted, 8.0) == {64}
+    assert autobatch.skip_by_prediction(predicted, 4.0) == {32, 64}
+    measured = [batching.Measurement(16, 3.2, 3.5)]
+    d = batching.decide_gpu(measured, 8.0, 0.85, (16, 32, 64), 100)
+    d = autobatch.with_predictions(d, predicted, {32, 64})
+    rows = {r.batch: r for r in d.table}
+    assert rows[16].predicted_peak_gb == 3.4 and rows[16].peak_gb == 3.5 and d.chosen == 16
+    assert "not probed: predicted 6.50 GB" in rows[32].note
+    assert d.summary()["table"][0]["predicted_peak_gb"] == 3.4  # recorded in run.json beside the measurement
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--gpu-memory", "0"], "--gpu-memory takes GPU memory sizes"),
+    (["--gpu-memory", "-8"], "--gpu-memory takes GPU memory sizes"),
+    (["--gpu-memory", "abc"], "--gpu-memory takes GPU memory sizes"),
+    (["--gpu-memory", "8,,16"], "--gpu-memory takes GPU memory sizes"),
+    (["--gpu-memory", "8", "--boxes-per-image", "-1"], "--boxes-per-image must be at least 1"),
+    (["--gpu-memory", "8", "--classes", "0"], "--classes must be at least 1"),
+    (["--gpu-memory", "8", "--classes", "3", "--boxes-per-image", "4", "--model", "nosuch.yaml"], "unknown model"),
+    (["--gpu-memory", "8", "--classes", "3", "--boxes-per-image", "4", "amp=maybe"], "amp must be"),
+    (["--gpu-memory", "8", "--classes", "3", "--boxes-per-image", "4", "optimizer=Lion"], "optimizer must be"),
+    (["--json"], "go with --gpu-memory"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, text):
+    result = CliRunner().invoke(main, ["batch", *args])
+    assert result.exit_code != 0
+    lines = [x for x in result.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and text in lines[0], result.output
+
+
+def test_gpu_sizes_parse():
+    assert gpuplan.parse_gpu_sizes("24,8, 16GB") == (8.0, 16.0, 24.0)
+    with pytest.raises(UsageError):
+        gpuplan.parse_gpu_sizes("inf")
+
+
+def test_batch_gpu_memory_json_end_to_end(tiny_data):
+    """The command on a real dataset: predictions per candidate, fits per size, the choice per size."""
+    result = CliRunner().invoke(main, ["batch", "--data", str(tiny_data), "--imgsz", "64", "--batch-candidates", "8,16",
+                                       "--gpu-memory", "0.55,80", "--json", "mosaic=0"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert [c["batch"] for c in doc["candidates"]] == [8, 16]
+    for c in doc["candidates"]:
+        assert 0 < c["predicted_train_gb"] <= c["predicted_peak_gb"]
+        assert c["predicted_peak_gb"] == max(c["predicted_train_gb"], c["predicted_val_gb"])
+        assert c["fits"] == {"0.55": False, "80": True}
+    assert doc["context_gb"] > 0
+    assert doc["chosen"] == {"0.55": None, "80": 16}
+    assert doc["settings"]["amp"] == "on" and doc["settings"]["optimizer"] == "AdamW"
