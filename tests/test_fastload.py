@@ -178,3 +178,19 @@ def test_training_records_the_loader_it_ran(tiny_data, tmp_path, loader):
     assert result.exit_code == 0, result.output + repr(result.exception)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["status"] == "completed" and run["loader"] == loader
+
+
+def test_worker_batches_have_stock_keys_and_shapes(tiny_data, tmp_path):
+    """With workers the images are stacked into shared memory; the batch must look as Ultralytics' does."""
+    from detector.data import spec as datasets
+    from detector.yolo import loader as yolo_loader
+
+    data_yaml = datasets.load(tiny_data).write_resolved(tmp_path / "d.yaml")
+    batches = {}
+    for loader in ("fast", "ultralytics"):
+        _, batches_of, _ = yolo_loader.training_loader(data_yaml, None, 64, 8, workers=1, loader=loader)
+        batches[loader] = next(iter(batches_of))
+    fast, stock = batches["fast"], batches["ultralytics"]
+    assert sorted(fast) == sorted(stock)
+    assert fast["img"].shape == stock["img"].shape == (8, 3, 64, 64) and fast["img"].dtype == stock["img"].dtype
+    assert fast["bboxes"].shape[1] == 4 and len(fast["batch_idx"]) == len(fast["cls"]) == len(fast["bboxes"])

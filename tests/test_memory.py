@@ -157,6 +157,8 @@ def test_probe_skips_what_the_model_puts_far_over_budget():
     assert rows[16].predicted_peak_gb == 3.4 and rows[16].peak_gb == 3.5 and d.chosen == 16
     assert "not probed: predicted 6.50 GB" in rows[32].note
     assert d.summary()["table"][0]["predicted_peak_gb"] == 3.4  # recorded in run.json beside the measurement
+    text = batching.table_text(d)
+    assert "predicted GB" in text.splitlines()[0] and "3.40" in text.splitlines()[1]
 
 
 # -- the command ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -239,6 +240,20 @@ def test_missing_ray_says_how_to_install_it(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["sweep", "--backend", "ray", "--batch", "8", "--project", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip() == "Error: --backend ray needs Ray: pip install 'detector[ray]' (Ray 2.60.0)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once(monkeypatch, tmp_path):
+    pytest.importorskip("ray")
+    for key, value in RAY_ENV.items():  # set here so the test leaves the environment as it found it
+        monkeypatch.setenv(key, value)
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(main, ["sweep", "--backend", "ray", "--address", f"127.0.0.1:{port}", "--batch", "8",
+                                       "--project", str(tmp_path)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert f"no Ray cluster answers at 127.0.0.1:{port} (Connection refused)" in result.output
     assert list(tmp_path.iterdir()) == []
 
 

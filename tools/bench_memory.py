@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import runtime  # noqa: E402
+from detector import runtime
 
 runtime.prepare()
 
@@ -61,8 +61,8 @@ def accuracy() -> list[str]:
     """The published rows against predictions, as Markdown table lines."""
     from detector.yolo import memory
 
-    lines = ["| model | imgsz | batch | classes | GPU | Ultralytics | published first / later | predicted training / "
-             "peak (same unit) | error first / later |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | imgsz | batch | classes | GPU | Ultralytics | published first / later | predicted training / "
+              "peak (same unit) | error first / later |"), "|---|---|---|---|---|---|---|---|---|"]
     for model, imgsz, batch, nc, gpu, version, first, later, unit in PUBLISHED:
         p = memory.MemoryModel(settings(model, imgsz, nc)).predict(batch)
         train, peak = p.train_gb * 2**30 / unit, p.peak_gb * 2**30 / unit
@@ -84,8 +84,8 @@ def measure() -> list[str]:
     if not torch.cuda.is_available():
         raise SystemExit("--measure needs a CUDA GPU")
     gpu = probe.cuda_devices("0")[0]
-    lines = [f"GPU: {gpu['name']}, {gpu['total_memory_gb']:.1f} GiB, in use before the probe (CUDA context): "
-             f"{gpu['baseline_gb']:.2f} GiB (model: {memory.CUDA_CONTEXT_GB:.2f})", "",
+    lines = [(f"GPU: {gpu['name']}, {gpu['total_memory_gb']:.1f} GiB, in use before the probe (CUDA context): "
+              f"{gpu['baseline_gb']:.2f} GiB (model: {memory.CUDA_CONTEXT_GB:.2f})"), "",
              "| model | batch | measured train / val reserved GiB | predicted | measured allocated | predicted |",
              "|---|---|---|---|---|---|"]
     for model in ("yolo11n.yaml", "yolo11s.yaml"):

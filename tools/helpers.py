@@ -29,8 +29,11 @@ def unrecorded_trainer():
 
     from detector.yolo.trainer import RecordingTrainer
 
+    from detector.yolo import fastload
+
     class UnrecordedTrainer(RecordingTrainer):
         def __init__(self, *a, **k):
+            self.loader = fastload.DEFAULT  # the same training pipeline as the recorded trainer
             DetectionTrainer.__init__(self, *a, **k)
             self.progress = None
 

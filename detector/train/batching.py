@@ -207,14 +207,15 @@ def explain(n_images: int, nbs: int = facts.NBS) -> str:
 def table_text(decision: BatchDecision) -> str:
     """The decision table as aligned text, the chosen row marked with '*'."""
     multi = any(r.per_device_batch not in (None, r.batch) for r in decision.table)
-    head = ["", "batch"] + (["per GPU"] if multi else []) + ["train GB", "val GB (2x)", "peak GB", "fits",
-                                                            "it/epoch", "accumulate", "steps/epoch", "img/step", ""]
+    model = any(r.predicted_peak_gb is not None for r in decision.table)  # the memory model beside the probe
+    head = ["", "batch"] + (["per GPU"] if multi else []) + ["train GB", "val GB (2x)", "peak GB"] + (
+        ["predicted GB"] if model else []) + ["fits", "it/epoch", "accumulate", "steps/epoch", "img/step", ""]
     lines = [head]
     for r in decision.table:
         cells = ["*" if r.batch == decision.chosen else "", str(r.batch)]
         cells += [str(r.per_device_batch)] if multi else []
-        cells += [_gb(r.train_peak_gb), _gb(r.val_peak_gb), _gb(r.peak_gb),
-                  "-" if r.fits is None else ("yes" if r.fits else "no"), str(r.iterations_per_epoch),
+        cells += [_gb(r.train_peak_gb), _gb(r.val_peak_gb), _gb(r.peak_gb)] + ([_gb(r.predicted_peak_gb)] if model else [])
+        cells += ["-" if r.fits is None else ("yes" if r.fits else "no"), str(r.iterations_per_epoch),
                   str(r.accumulate), f"{r.optimizer_steps_per_epoch:g}", str(r.images_per_step), r.note or ""]
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]

@@ -105,9 +105,6 @@ def plan(config: SweepConfig) -> list[PlannedRun]:
             # The built-in demo sets nbs=16; a sweep of this kind needs one fixed nbs, Ultralytics' 64 unless set.
             nbs = int(config.template.overrides.get("nbs", facts.NBS))
             over, rec = {"nbs": nbs}, {**base, "lr_scaling": None, "nbs": nbs}
-            demo_lr = _demo_lr0(config, nbs)
-            if demo_lr is not None:
-                over["lr0"], rec["lr0"] = demo_lr, demo_lr
         else:
             optimizer, lr0 = str(_resolved(config, "optimizer")), float(_resolved(config, "lr0"))
             if optimizer.lower() == "auto":
@@ -120,20 +117,6 @@ def plan(config: SweepConfig) -> list[PlannedRun]:
         for s in config.seeds:
             out.append(PlannedRun(f"b{b}-s{s}", b, s, over, {**rec, "batch": b, "seed": s}))
     return out
-
-
-def _demo_lr0(config: SweepConfig, nbs: int) -> float | None:
-    """lr0 for an accumulate sweep of the built-in demo: its AdamW lr0 moved from nbs 16 to this nbs (square root).
-
-    The demo's lr0 was tuned at 16 images per update; at nbs 64 it learns too slowly for
-    20 epochs. The sqrt rule (Malladi et al. 2022) gives 0.004, which took every batch of
-    `detector sweep --batch 16,32,64` past mAP50 0.5 (docs/benchmarks.md). None when the
-    user chose data, lr0 or the optimizer: then lr0 is theirs.
-    """
-    t = config.template
-    if t.data is not None or "lr0" in t.overrides or "optimizer" in t.overrides:
-        return None
-    return BUILTIN_OVERRIDES["lr0"] * math.sqrt(nbs / BUILTIN_OVERRIDES["nbs"])
 
 
 def sweep_name(config: SweepConfig) -> str:

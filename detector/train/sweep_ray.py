@@ -57,10 +57,14 @@ class RayOptions:
         return self
 
 
-def import_ray():
+def import_ray(options: RayOptions):
     """Ray, with its telemetry and token off; UsageError with the install line when it is missing."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if options.address is None or options.address.rsplit(":", 1)[0] in LOOPBACK:
+        # One machine: keep every Ray address on loopback (Ray otherwise swaps 127.0.0.1 for the host's own
+        # IP). Read when Ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -70,9 +74,6 @@ def import_ray():
 
 def _connect(ray, options: RayOptions) -> None:
     """Start Ray on this machine (no address) or join the cluster at options.address."""
-    if options.address is None or options.address.rsplit(":", 1)[0] in LOOPBACK:
-        # One machine: keep every Ray address on loopback (Ray otherwise swaps 127.0.0.1 for the host's own IP).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     kwargs = {"log_to_driver": False, "logging_level": "ERROR"}
     try:
         if options.address is None:
@@ -84,6 +85,19 @@ def _connect(ray, options: RayOptions) -> None:
         where = options.address or "this machine"
         raise DetectorError(f"cannot start or reach Ray at {where}: {first}; start the head with 'ray start --head' "
                             "or leave out --address") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse an address nothing listens on (ray.init would retry it for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise DetectorError(f"no Ray cluster answers at {address} ({reason}); start its head with "
+                            "'ray start --head', or leave out --address to run Ray on this machine") from None
 
 
 def resources(ray, options: RayOptions) -> dict:
@@ -175,7 +189,9 @@ def spec_for(config: SweepConfig, folder: Path, p: PlannedRun, gpus: float = 0) 
 def run(config: SweepConfig, options: RayOptions, echo=print) -> Path:
     """Train every unfinished run of the sweep on Ray, then write the comparison; return report.html."""
     options.check()
-    ray = import_ray()
+    ray = import_ray(options)
+    if options.address not in (None, "auto"):
+        _check_reachable(options.address)
     planned = sweep.plan(config)
     from detector.yolo import checks
 

@@ -52,8 +52,8 @@ class _Block:
     start: int
     size: int
     free: bool = True
-    prev: "_Block | None" = None
-    next: "_Block | None" = None
+    prev: _Block | None = None
+    next: _Block | None = None
 
     def key(self) -> tuple[int, int, int]:
         return (self.size, self.segment, self.start)

@@ -12,7 +12,6 @@ building inside it fails on the stride probe (DataDependentOutputException).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -87,7 +86,7 @@ class Prepared:
             m.criterion = None
 
 
-def run(prepared: "Prepared | object", spec: StepSpec, planner: Planner | None, fake: bool = True) -> Trace:
+def run(prepared: Prepared | object, spec: StepSpec, planner: Planner | None, fake: bool = True) -> Trace:
     """Trace two training iterations (the second with optimizer state) and one validation batch at 2 x batch."""
     if not isinstance(prepared, Prepared):
         prepared = Prepared(prepared, fake)
@@ -218,7 +217,9 @@ def _validate(ema, spec: StepSpec, tracker: StorageTracker, planner) -> None:
     import torchvision  # noqa: F401  (a training has it loaded, so NMS takes torchvision's kernel, as here)
     from ultralytics.utils import nms
 
-    dtype = AMP_DTYPES[spec.amp]
+    # The validator enables autocast at its default dtype (fp16) and halves the images whenever the
+    # trainer used AMP, bf16 or not.
+    dtype = torch.float16 if AMP_DTYPES[spec.amp] is not None else None
     n = facts.val_batch(spec.batch)
     # no_grad, not the validator's inference_mode: the same storages, but under inference_mode the
     # head's scalar stride reaches the fake mode as a data-dependent read the planner cannot answer.
@@ -246,7 +247,3 @@ def _validate(ema, spec: StepSpec, tracker: StorageTracker, planner) -> None:
 def level_strides(model) -> list[float]:
     """The detection head's strides (8, 16, 32 for YOLO11)."""
     return [float(s) for s in model.model[-1].stride.tolist()]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -46,7 +46,7 @@ class StorageTracker(TorchDispatchMode):
     (weights) are registered with `adopt`.
     """
 
-    def __init__(self, planner: "Planner | None" = None):
+    def __init__(self, planner: Planner | None = None):
         super().__init__()
         self.trace: list[tuple[int, int, str]] = []  # (bytes, storage id, phase); bytes < 0 is a release
         self.live = self.peak = 0
