@@ -51,7 +51,8 @@ def draw(data_yaml, loader: str, overrides: dict, n: int, seed: int = 0) -> list
 
     dataset, _, _ = yolo_loader.training_loader(data_yaml, None, IMGSZ, 16, seed=seed, overrides=overrides,
                                                 loader=loader)
-    order = np.random.default_rng(seed).integers(0, len(dataset), n)  # its own generator: the global ones are the loader's
+    # its own generator: the global ones belong to the loader
+    order = np.random.default_rng(seed).integers(0, len(dataset), n)
     return [dataset[int(i)] for i in order]
 
 

@@ -167,10 +167,13 @@ def test_relative_path_is_resolved_against_the_yaml(tmp_path, tiny_data, monkeyp
 
 def test_coco128_trains_from_its_relative_path(coco128_yaml, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # coco128.yaml says path: . meaning its own folder
+    before = sorted(p.relative_to(coco128_yaml.parent) for p in coco128_yaml.parent.rglob("*"))
     result = CliRunner().invoke(main, ["train", "--data", str(coco128_yaml), "--epochs", "1", "--imgsz", "64",
                                        "--batch", "32", "--project", str(tmp_path / "runs"), "--name", "c",
                                        "plots=False", "val=False"])
     assert result.exit_code == 0, result.output
+    # Ultralytics' label cache (labels/train2017.cache) goes to the tool's folder, never into the dataset
+    assert sorted(p.relative_to(coco128_yaml.parent) for p in coco128_yaml.parent.rglob("*")) == before
     run = json.loads((tmp_path / "runs/c/run.json").read_text())
     assert run["dataset"]["train_images"] == 128 and len(run["dataset"]["names"]) == 80
     assert len(read_csv(tmp_path / "runs/c/iterations.csv")) == 4

@@ -159,6 +159,7 @@ def child(spec: dict) -> dict:
         loader = _decode_loader(data.splits["train"], spec["imgsz"], spec["batch"], spec["workers"])
     else:
         import helpers
+
         from detector.yolo import loader as yolo_loader
 
         transforms = None if spec["pipeline"] in BASELINES else list(
@@ -243,7 +244,7 @@ def main(argv=None) -> None:
     p.add_argument("--mosaic", type=float, default=1.0, help="Ultralytics' mosaic probability for every loader")
     p.add_argument("--cache", default=False, help="Ultralytics' cache option (False, ram, disk)")
     p.add_argument("--pipelines", default="decode,stock,default,ultralytics-loader,none,ultralytics,light,heavy",
-                   help="comma-separated: decode, stock, default, ultralytics-loader, a preset name, or a pipeline file")
+                   help="comma-separated: decode, stock, default, ultralytics-loader, a preset, or a pipeline file")
     p.add_argument("--stream-sizes", default=None,
                    help="e.g. 128,1280: peak RSS for one pass over datasets of these sizes "
                         "(symlinked copies of --data)")

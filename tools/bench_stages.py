@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "coco128.yaml"
 
 SPENT: dict[str, float] = defaultdict(float)
@@ -77,7 +78,7 @@ def instrument_fast(dataset) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=COCO128, help="YOLO data YAML (default: ../shared coco128, read through a symlinked mirror)")
+    p.add_argument("--data", type=Path, default=COCO128, help="YOLO data YAML (default: ../shared coco128)")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--images", type=int, default=384)
@@ -85,13 +86,16 @@ def main(argv=None) -> None:
     p.add_argument("--mosaic", type=float, default=1.0)
     args = p.parse_args(argv)
 
+    from bench_loader import repeated_dataset
+
     from detector.data import spec as datasets
     from detector.yolo import loader as yolo_loader
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data_yaml = datasets.load(args.data).write_resolved(Path(tmp) / "data.yaml")
-        dataset, _, _ = yolo_loader.training_loader(data_yaml, None, args.imgsz, args.batch, workers=0,
-                                                    overrides={"mosaic": args.mosaic}, loader=args.loader)
+    # read through symlinks, so the label cache is written there, not beside the dataset; removed at exit
+    tmp = tempfile.TemporaryDirectory(prefix="bench-stages-")
+    data_yaml = repeated_dataset(args.data, datasets.load(args.data).train_images, Path(tmp.name) / "mirror")
+    dataset, _, _ = yolo_loader.training_loader(data_yaml, None, args.imgsz, args.batch, workers=0,
+                                                overrides={"mosaic": args.mosaic}, loader=args.loader)
     (instrument_stock if args.loader == "ultralytics" else instrument_fast)(dataset)
     for i in range(32):  # warm-up: label cache, the mosaic buffer, first-call costs
         dataset[i % len(dataset)]

@@ -12,6 +12,7 @@ original downloads weights. Modules:
   tracking: storage counting, emulated CUDA autocast, planned data-dependent answers;
   allocator: PyTorch's caching allocator replayed, pure Python)
 - loader: Albumentations steps and Ultralytics' training loader
+- fastload: detector's training loader, Ultralytics' augmentation at a lower cost (issue 16)
 - inference: load, export, raw forward passes and predict
 """
 

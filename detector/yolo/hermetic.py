@@ -1,12 +1,17 @@
-"""Ultralytics patched for the hermetic runtime: its AMP self-check without the weights download."""
+"""Ultralytics patched for the hermetic runtime: no weights download for its AMP check, no writes into datasets."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 
 import torch
+from ultralytics.data import dataset as _ul_dataset
 from ultralytics.engine import trainer as _ul_trainer
 from ultralytics.utils import LOGGER
+
+from detector import runtime
 
 
 # GPUs Ultralytics' own AMP check rejects by name (its check_amp, 8.4).
@@ -24,3 +29,19 @@ def offline_check_amp(model) -> bool:
 
 
 _ul_trainer.check_amp = offline_check_amp  # the trainer calls it by this module-level name
+
+
+# Ultralytics saves a label cache (labels/<split>.cache) beside the user's labels, writing into the
+# dataset folder even when it is shared or meant read-only (as root every folder is writable). The
+# tool keeps that cache in its own folder instead, keyed by the path Ultralytics would have used.
+def _label_cache(path) -> Path:
+    key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    folder = runtime.home() / "label-caches"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{Path(path).stem}-{key}.cache"
+
+
+_load_cache, _save_cache = _ul_dataset.load_dataset_cache_file, _ul_dataset.save_dataset_cache_file
+_ul_dataset.load_dataset_cache_file = lambda path: _load_cache(_label_cache(path))
+_ul_dataset.save_dataset_cache_file = lambda prefix, path, x, version: _save_cache(prefix, _label_cache(path), x,
+                                                                                    version)

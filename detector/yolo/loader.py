@@ -1,4 +1,4 @@
-"""Albumentations steps and Ultralytics' training loader, built as the trainer builds them."""
+"""Albumentations steps and the training loader (detector's fast one or Ultralytics'), as the trainer builds it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from ultralytics.utils import LOGGER, RANK
 
 from detector.errors import AugmentError
 from detector.yolo import fastload
-
 
 # -- Albumentations pipelines and the training loader (issue 4: detector/augment.py, preview, bench) -------------------
 

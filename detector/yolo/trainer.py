@@ -33,9 +33,11 @@ class RecordingTrainer(DetectionTrainer):
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, recorder: Recorder | None = None,
-                 loader: str = fastload.DEFAULT):
-        self.loader = loader  # which training pipeline build_dataset uses (fastload: "fast" or "ultralytics")
+                 loader: str | None = None):
         super().__init__(cfg, overrides, _callbacks)
+        # which training pipeline build_dataset uses (fastload: "fast" or "ultralytics"); DDP's processes,
+        # built from the class alone, read the run's choice from run.json
+        self.loader = loader or Recorder(self.save_dir).read().get("loader") or fastload.DEFAULT
         self.progress = None
         if RANK in {-1, 0}:
             self.recorder = recorder or Recorder(self.save_dir)
