@@ -64,12 +64,12 @@ def run(config: PredictConfig, echo=print) -> Path:
     """Predict on every image of SOURCE and write the outputs; return the output folder."""
     if not 0 < config.conf < 1:
         raise UsageError(f"--conf {config.conf} must lie between 0 and 1")
+    weights = resolve_weights(config.weights)  # the cheap check first: a wrong path reads no image
     files = sources.resolve(config.source)
     names = sources.relative_names(files)
     for f in files:  # fail on a damaged image before writing anything
         sources.read(f)
     remap = coco.Remap.for_images(config.coco_gt, names) if config.coco_gt else None  # every image listed there
-    weights = resolve_weights(config.weights)
     from detector.yolo import checks, inference
 
     checks.device_info(config.device)  # a GPU asked for but absent: UsageError naming --device cpu

@@ -77,7 +77,8 @@ class _CsvLog:
             with open(path, newline="", encoding="utf-8") as f:
                 self.columns = next(csv.reader(f), None)
 
-    def append(self, columns: list[str], row: dict) -> None:
+    def append(self, columns: list[str], row: dict) -> dict[str, str]:
+        """Write one row; return its cells as written (column -> text)."""
         if self._file is None:
             new = self.columns is None
             if new:
@@ -85,9 +86,11 @@ class _CsvLog:
             self._file = open(self.path, "a", newline="", encoding="utf-8")
             if new:
                 self._file.write(",".join(self.columns) + "\n")
+        cells = {c: _fmt(row.get(c)) for c in self.columns}
         # One write and one flush per row: a kill leaves whole rows behind.
-        self._file.write(",".join(_fmt(row.get(c)) for c in self.columns) + "\n")
+        self._file.write(",".join(cells.values()) + "\n")
         self._file.flush()
+        return cells
 
     def keep(self, predicate: Callable[[dict], bool]) -> list[dict]:
         """Rewrite the file keeping complete rows for which predicate holds; return the kept rows."""
@@ -174,15 +177,15 @@ class Recorder:
     # CSV rows -------------------------------------------------------------
     def iteration(self, loss_names: list[str], row: dict) -> None:
         """Append one training iteration."""
-        self.iterations.append(iteration_columns(loss_names), row)
+        cells = self.iterations.append(iteration_columns(loss_names), row)
         for listener in self.listeners:
-            listener.iteration({c: _fmt(row.get(c)) for c in self.iterations.columns})
+            listener.iteration(cells)
 
     def epoch(self, loss_names: list[str], row: dict) -> None:
         """Append one completed epoch."""
-        self.epochs.append(epoch_columns(loss_names), row)
+        cells = self.epochs.append(epoch_columns(loss_names), row)
         for listener in self.listeners:
-            listener.epoch({c: _fmt(row.get(c)) for c in self.epochs.columns})
+            listener.epoch(cells)
 
     def keep_epochs_through(self, last_epoch: int) -> dict | None:
         """Drop rows of epochs after last_epoch (1-based) from both CSVs; return the last kept iteration row.

@@ -120,6 +120,16 @@ def _supervise(recorder: Recorder, run_dir: Path, work) -> dict:
     return outcome
 
 
+def _train(recorder: Recorder, run_dir: Path, with_tensorboard: bool, echo, work) -> dict:
+    """_supervise(work), with TensorBoard streamed live and rebuilt from the CSVs when asked for."""
+    stream = tensorboard.live(recorder, run_dir) if with_tensorboard else None
+    try:
+        return _supervise(recorder, run_dir, work)
+    finally:  # interrupted or failed runs get their event files too, as far as they got
+        if with_tensorboard:
+            tensorboard.after_training(run_dir, echo, stream)
+
+
 def _finish(recorder: Recorder, status: str, error: str | None = None) -> None:
     """recorder.finish, unless the disk cannot take even run.json: the error is then said on the way out."""
     try:
@@ -170,12 +180,10 @@ def run(config: TrainConfig, echo=print) -> Path:
         "events": [],
     })
     started = time.time()
-    stream = tensorboard.live(recorder, run_dir) if config.tensorboard else None  # TensorBoard as it trains
     try:
-        _supervise(recorder, run_dir, lambda: stepdown.train(ul_args, run_dir, recorder, config.batch.candidates, echo))
-    finally:  # interrupted or failed runs get their event files too, as far as they got
-        if config.tensorboard:
-            tensorboard.after_training(run_dir, echo, stream)
+        _train(recorder, run_dir, config.tensorboard, echo,
+               lambda: stepdown.train(ul_args, run_dir, recorder, config.batch.candidates, echo))
+    finally:
         lock.release()
     echo(f"run {run_dir} completed in {time.time() - started:.0f} s")
     return run_dir
@@ -228,12 +236,7 @@ def _resume(config: TrainConfig, run_dir: Path, echo) -> Path:
         work = lambda: final.final_validation(run_dir, recorder, config.device)  # noqa: E731
     else:
         echo(f"resuming {run_dir} from {last}")
-    stream = tensorboard.live(recorder, run_dir) if with_tensorboard else None
-    try:
-        _supervise(recorder, run_dir, work)
-    finally:
-        if with_tensorboard:
-            tensorboard.after_training(run_dir, echo, stream)
+    _train(recorder, run_dir, with_tensorboard, echo, work)
     return run_dir
 
 

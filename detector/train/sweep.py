@@ -135,7 +135,7 @@ def _settings(config: SweepConfig) -> dict:
                             **{k: t[k] for k in keep}})
 
 
-def _open_sweep(config: SweepConfig) -> Path:
+def open_sweep(config: SweepConfig) -> Path:
     """Create the sweep folder, or check that an existing one is this sweep; write sweep.json."""
     name = sweep_name(config)
     if not name.strip() or "/" in name or name in {".", ".."}:
@@ -195,7 +195,7 @@ def run(config: SweepConfig, echo=print) -> Path:
     from detector.yolo import checks
 
     checks.check_overrides({**config.template.overrides, **planned[0].overrides})
-    folder = _open_sweep(config)
+    folder = open_sweep(config)
     started, failures = time.time(), []
     for i, p in enumerate(planned, 1):
         echo(f"[{i}/{len(planned)}] {p.name}: batch {p.batch}, seed {p.seed}, " +

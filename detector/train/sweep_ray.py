@@ -196,7 +196,7 @@ def run(config: SweepConfig, options: RayOptions, echo=print) -> Path:
     from detector.yolo import checks
 
     checks.check_overrides({**config.template.overrides, **planned[0].overrides})
-    folder = sweep._open_sweep(config)
+    folder = sweep.open_sweep(config)
     todo = [p for p in planned if not attempts.is_completed(folder / p.name)]
     for p in planned:
         if p not in todo:

@@ -35,12 +35,13 @@ class RecordingTrainer(DetectionTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, recorder: Recorder | None = None,
                  loader: str | None = None):
         super().__init__(cfg, overrides, _callbacks)
+        recorder = recorder or Recorder(self.save_dir)
         # which training pipeline build_dataset uses (fastload: "fast" or "ultralytics"); DDP's processes,
         # built from the class alone, read the run's choice from run.json
-        self.loader = loader or Recorder(self.save_dir).read().get("loader") or fastload.DEFAULT
+        self.loader = loader or recorder.read().get("loader") or fastload.DEFAULT
         self.progress = None
         if RANK in {-1, 0}:
-            self.recorder = recorder or Recorder(self.save_dir)
+            self.recorder = recorder
             self.progress = callbacks.attach(self, self.recorder)
 
     def build_dataset(self, img_path, mode="train", batch=None):
