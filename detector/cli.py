@@ -8,11 +8,12 @@ ultralytics) happen inside commands so `--help` stays instant.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import click
 
-from detector import __version__
+from detector import __version__, options
 from detector.errors import DetectorError, DiskFull, TrainingInterrupted, is_disk_full
 
 
@@ -41,6 +42,22 @@ def _report_errors(fn):
             raise _Failure(DiskFull(f"disk full while writing {e.filename or 'output'}; free space and retry")) from None
 
     return wrapper
+
+
+class _EchoHandler(logging.Handler):
+    """Progress the library logs (the `detector` loggers) printed on the terminal, one message a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record))
+
+
+def _show_progress(quiet: bool = False) -> None:
+    """Print the library's progress messages; quiet (a --json answer) keeps only warnings."""
+    logger = logging.getLogger("detector")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
 
 def _command_line() -> list[str]:
@@ -75,44 +92,15 @@ def main():
         detector sweep --batch 16,32,64       # 16 vs 32 vs 64 with an HTML report
         detector export runs/demo             # ONNX, checked against the .pt
     """
+    _show_progress()
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="YOLO data YAML. Default: the built-in shapes dataset (generated once, cached).")
-@click.option("--model", default="yolo11n.yaml", show_default=True,
-              help="Model YAML name (yolo11n.yaml, yolov8s.yaml, ...), a local .pt file, or pretrained weights "
-                   "by name (yolo11n.pt) from the weights cache.")
-@click.option("--download", is_flag=True,
-              help="Fetch pretrained weights missing from the cache (once; also DETECTOR_DOWNLOAD=1). "
-                   "Nothing else is ever downloaded.")
-@click.option("--epochs", type=int, default=None, help="Epochs. Default 100; 20 on the built-in dataset.")
-@click.option("--imgsz", type=int, default=None, help="Training image size. Default 640; 128 on the built-in dataset.")
-@click.option("--batch", default="auto", show_default=True,
-              help="Images per iteration: 'auto' (GPU: largest candidate that fits; CPU: 16) or an integer.")
-@click.option("--device", default=None, help="cpu, 0, or 0,1 for two GPUs. Default: GPU 0 if present, else CPU.")
-@click.option("--workers", type=int, default=8, show_default=True, help="Data loader worker processes (CPU training uses 0).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--name", default=None, help="Run folder name under --project. Default: train-<date>-<time>.")
-@click.option("--project", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder that holds run folders.")
-@click.option("--resume", "resume", type=click.Path(path_type=Path), default=None, metavar="RUN_DIR",
-              help="Continue an interrupted run from its last completed epoch, appending to its record.")
-@click.option("--augment", default=None, metavar="FILE|PRESET",
-              help="Albumentations pipeline (a file A.save wrote, YAML or JSON) or preset: none, ultralytics, "
-                   "light, heavy. Default: Ultralytics' own set (the 'ultralytics' preset).")
-@click.option("--batch-candidates", default="16,32,64", show_default=True,
-              help="Batch sizes --batch auto chooses from on a GPU, and steps down through after out-of-memory.")
-@click.option("--batch-safety", type=float, default=0.85, show_default=True,
-              help="Share of GPU memory the measured peak of --batch auto may use (see 'detector batch --help').")
-@click.option("--tensorboard", is_flag=True,
-              help="Also write TensorBoard event files to PROJECT/NAME/tensorboard/ (needs detector[tensorboard]).")
-@click.option("--no-grad-stats", is_flag=True,
-              help="Do not measure the gradient noise scale (epochs.csv grad_* columns stay empty).")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@options.use("data", "model", "download", "epochs", "imgsz", "batch.requested", "device", "workers", "seed", "name",
+             "project", "resume", "augment", "batch.candidates", "batch.safety", "tensorboard", "grad_stats",
+             overrides=True)
 @_report_errors
-def train(data, model, download, epochs, imgsz, batch, device, workers, seed, name, project, resume, augment,
-          batch_candidates, batch_safety, tensorboard, no_grad_stats, overrides):
+def train(**params):
     """Train a detector and record every iteration and epoch under PROJECT/NAME.
 
     Any other Ultralytics training argument can follow as KEY=VALUE
@@ -130,20 +118,14 @@ def train(data, model, download, epochs, imgsz, batch, device, workers, seed, na
 
     Writes runs/NAME/run.json, iterations.csv, epochs.csv and weights/best.pt.
     """
-    from detector.config import BatchOptions, TrainConfig, parse_overrides
     from detector.train import run as training
 
-    config = TrainConfig(
-        data=data, model=model, epochs=epochs, imgsz=imgsz, device=device, workers=workers, seed=seed, name=name,
-        project=project, resume=resume, overrides=parse_overrides(overrides), augment=augment,
-        command=tuple(_command_line()), batch=BatchOptions.parse(batch, batch_candidates, batch_safety),
-        tensorboard=tensorboard, grad_stats=not no_grad_stats, download=download,
-    )
-    run_dir = training.run(config, echo=click.echo)
+    config = options.train_config(params, command=tuple(_command_line()))
+    run_dir = training.run(config)
     click.echo(f"Results: {run_dir}/run.json, iterations.csv, epochs.csv, weights/best.pt")
 
 
-# ---- datasets: check, convert, synth (issue 7) ----
+# ---- datasets: check, convert, synth ----
 
 @main.group()
 def datasets():
@@ -189,7 +171,7 @@ def datasets_check(data, as_json):
         detector datasets check data.yaml --json > check.json
     """
     from detector.data import check as dataset_check
-    from detector.data import spec as ds
+    from detector.data import datasets as ds
 
     _show_check(dataset_check.check(ds.load(data)), as_json)
 
@@ -222,7 +204,7 @@ def datasets_convert(fmt, annotations, images_dir, out, split, keep_crowd, keep_
     """
     from detector.data import check as dataset_check
     from detector.data import convert as dataset_convert
-    from detector.data import spec as ds
+    from detector.data import datasets as ds
 
     result = dataset_convert.convert(fmt, annotations, images_dir, out, split, keep_crowd=keep_crowd,
                                      keep_difficult=keep_difficult, link=symlink)
@@ -257,7 +239,7 @@ def datasets_synth(images, imgsz, seed, out):
     click.echo(f"{spec.train_images} train + {spec.val_images} val images at {imgsz} px: {data_yaml}")
 
 
-# ---- augment: Albumentations pipelines, check and preview (issue 4) ----
+# ---- augment: Albumentations pipelines, check and preview ----
 
 @main.group()
 def augment():
@@ -287,18 +269,13 @@ def augment_check(pipeline, imgsz):
 
 
 @augment.command("preview")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="YOLO data YAML. Default: the built-in dataset, with train's demo settings.")
-@click.option("--augment", "pipeline", default=None, metavar="FILE|PRESET",
-              help="Pipeline file (A.save, YAML or JSON) or preset: none, ultralytics, light, heavy. "
-                   "Default: Ultralytics' own set.")
+@options.use("data", "augment")
 @click.option("--batch", type=int, default=16, show_default=True, help="Images in the batch.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed draws the same batch.")
-@click.option("--imgsz", type=int, default=None, help="Training image size. Default 640; 128 on the built-in dataset.")
+@options.use("seed", "imgsz")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Image file to write (.jpg or .png).")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.argument("overrides", nargs=-1, metavar=options.OVERRIDES_METAVAR)
 @_report_errors
-def augment_preview(data, pipeline, batch, seed, imgsz, out, overrides):
+def augment_preview(data, augment, batch, seed, imgsz, out, overrides):
     """Draw one augmented training batch, exactly as the trainer's loader yields it, as a grid.
 
     Mosaic, perspective, the Albumentations pipeline, HSV and flips all apply,
@@ -316,7 +293,7 @@ def augment_preview(data, pipeline, batch, seed, imgsz, out, overrides):
     from detector.augment import preview as pv
     from detector.config import parse_overrides
 
-    req = pv.PreviewRequest(out=out, data=data, augment=pipeline, batch=batch, seed=seed, imgsz=imgsz,
+    req = pv.PreviewRequest(out=out, data=data, augment=augment, batch=batch, seed=seed, imgsz=imgsz,
                             overrides=parse_overrides(overrides))
     shown = pv.preview(req)
     click.echo(f"{shown['pipeline']}")
@@ -324,7 +301,7 @@ def augment_preview(data, pipeline, batch, seed, imgsz, out, overrides):
                f"{shown['width']}x{shown['height']} px")
 
 
-# ---- compare and sweep: batch-size comparison reports (issue 5) ----
+# ---- compare and sweep: batch-size comparison reports ----
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_DIR...")
@@ -344,10 +321,10 @@ def compare(run_dirs, out):
 
     Writes OUT/report.html (one self-contained file), OUT/report.md and OUT/plots/*.png.
     """
-    from detector.report import render as report
+    from detector.report import render
 
-    html = report.compare(run_dirs, out if out is not None else report.default_out(run_dirs))
-    click.echo(f"Report: {html} (Markdown: {html.with_name(report.REPORT_MD)}, plots in {html.parent / 'plots'})")
+    html = render.compare(run_dirs, out if out is not None else render.default_out(run_dirs))
+    click.echo(f"Report: {html} (Markdown: {html.with_name(render.REPORT_MD)}, plots in {html.parent / 'plots'})")
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -359,17 +336,9 @@ def compare(run_dirs, out):
 @click.option("--lr-scaling", type=click.Choice(["linear", "sqrt", "none"]), default=None,
               help="With --semantics true: lr0 x batch/64 (linear), x sqrt(batch/64) (sqrt) or unchanged. "
                    "Default: linear for SGD, sqrt for Adam-type optimizers.")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="YOLO data YAML. Default: the built-in dataset.")
-@click.option("--model", default="yolo11n.yaml", show_default=True, help="Model YAML or local .pt.")
-@click.option("--epochs", type=int, default=None, help="Epochs per run. Default 100; 20 on the built-in dataset.")
-@click.option("--imgsz", type=int, default=None, help="Image size. Default 640; 128 on the built-in dataset.")
-@click.option("--device", default=None, help="cpu, 0, or 0,1 for two GPUs. Default: GPU 0 if present, else CPU.")
-@click.option("--workers", type=int, default=8, show_default=True, help="Data loader worker processes (CPU training uses 0).")
-@click.option("--augment", default=None, metavar="FILE|PRESET", help="Albumentations pipeline, as for 'detector train'.")
+@options.use("data", "model", "epochs", "imgsz", "device", "workers", "augment")
 @click.option("--name", default=None, help="Sweep folder name. Default: sweep-b<batches> (so a re-run continues it).")
-@click.option("--project", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder that holds the sweep folder.")
-@click.option("--no-grad-stats", is_flag=True, help="Do not measure the gradient noise scale in the runs.")
+@options.use("project", "grad_stats")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: the runs one after another here. ray: one Ray task per run, in parallel on this machine's GPUs or on a cluster (pip install 'detector[ray]').")
 @click.option("--address", default=None, help="--backend ray: the cluster to join ('auto' or HOST:PORT). Default: start Ray on this machine for the sweep.")
@@ -377,11 +346,9 @@ def compare(run_dirs, out):
               help="--backend ray: GPUs each run reserves. Default: 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-run", type=float, default=None,
               help="--backend ray: CPUs each run reserves. Default: 1 with GPUs; without, all CPUs of the smallest node.")
-@click.option("--tensorboard", is_flag=True, help="Each run also writes its TensorBoard event files (see train).")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@options.use("tensorboard", overrides=True)
 @_report_errors
-def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, device, workers, augment, name, project,
-          no_grad_stats, backend, address, gpus_per_run, cpus_per_run, tensorboard, overrides):
+def sweep(batches, seeds, semantics, lr_scaling, name, backend, address, gpus_per_run, cpus_per_run, **params):
     """Train one run per batch size and seed in one folder, then write the comparison there.
 
     Runs are PROJECT/NAME/b<batch>-s<seed>. Running the same command again
@@ -396,30 +363,25 @@ def sweep(batches, seeds, semantics, lr_scaling, data, model, epochs, imgsz, dev
 
     Writes PROJECT/NAME/sweep.json, one run folder per batch and seed, report.html, report.md and plots/.
     """
-    from detector.config import TrainConfig, parse_overrides
     from detector.train import sweep as sweeping
 
-    template = TrainConfig(
-        data=data, model=model, epochs=epochs, imgsz=imgsz, device=device, workers=workers, project=project,
-        overrides=parse_overrides(overrides), augment=augment, command=tuple(_command_line()),
-        grad_stats=not no_grad_stats, tensorboard=tensorboard,
-    )
+    template = options.train_config(params, command=tuple(_command_line()))
     config = sweeping.SweepConfig(
         batches=sweeping.parse_ints(batches, "--batch", minimum=1), seeds=sweeping.parse_ints(seeds, "--seeds"),
         template=template, name=name, semantics=semantics, lr_scaling=lr_scaling,
     )
-    ray_options = {"--address": address, "--gpus-per-run": gpus_per_run, "--cpus-per-run": cpus_per_run}
+    ray_flags = {"--address": address, "--gpus-per-run": gpus_per_run, "--cpus-per-run": cpus_per_run}
     if backend == "ray":
         from detector.train import sweep_ray
 
-        options = sweep_ray.RayOptions(address=address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run)
-        html = sweep_ray.run(config, options, echo=click.echo)
-    elif given := [flag for flag, value in ray_options.items() if value is not None]:
+        ray_options = sweep_ray.RayOptions(address=address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run)
+        html = sweep_ray.run(config, ray_options)
+    elif given := [flag for flag, value in ray_flags.items() if value is not None]:
         from detector.errors import UsageError
 
         raise UsageError(f"{given[0]} applies to --backend ray only")
     else:
-        html = sweeping.run(config, echo=click.echo)
+        html = sweeping.run(config)
     click.echo(f"Report: {html} (Markdown: {html.with_name('report.md')})")
 
 
@@ -465,7 +427,7 @@ def export_cmd(source, fmt, imgsz, half, dynamic, simplify, opset, out, images, 
         source=source, format=fmt.lower(), imgsz=imgsz, half=half, dynamic=dynamic, simplify=simplify, opset=opset,
         out=out, images=images, parity_images=parity_images, conf=conf,
     )
-    exported = exporting.run(config, echo=click.echo)
+    exported = exporting.run(config)
     click.echo(f"Exported: {exported} (figures in {exported.parent / 'export.json'})")
 
 
@@ -503,7 +465,7 @@ def predict(weights, source, out, conf, iou, imgsz, device, no_images, coco_gt):
 
     config = predicting.PredictConfig(weights=weights, source=source, out=out, conf=conf, iou=iou, imgsz=imgsz,
                                       device=device, save_images=not no_images, coco_gt=coco_gt)
-    predicting.run(config, echo=click.echo)
+    predicting.run(config)
 
 
 @main.command(name="val")
@@ -535,7 +497,8 @@ def val_cmd(source, data, coco_gt, imgsz, batch, device, as_json):
     from detector.deploy import val as validating
 
     config = validating.ValConfig(source=source, data=data, coco_gt=coco_gt, imgsz=imgsz, batch=batch, device=device)
-    result = validating.run(config, echo=click.echo if not as_json else lambda *_: None)
+    _show_progress(quiet=as_json)
+    result = validating.run(config)
     if as_json:
         import json
 
@@ -545,7 +508,7 @@ def val_cmd(source, data, coco_gt, imgsz, batch, device, as_json):
             click.echo(line)
 
 
-# ---- weights: the pretrained weights cache (issue 14) ----
+# ---- weights: the pretrained weights cache ----
 
 @main.group()
 def weights():
@@ -594,12 +557,12 @@ def weights_fetch(name, force):
     """
     from detector.weights import cache
 
-    got = cache.fetch_once(name, force=force, echo=click.echo)
+    got = cache.fetch_once(name, force=force)
     state = "downloaded" if got["downloaded"] else "already cached"
     click.echo(f"{got['path']} ({state}, {got['size'] / 2**20:.1f} MB, sha256 {got['sha256']})")
 
 
-# ---- tensorboard: event files from a run's records (issue 14) ----
+# ---- tensorboard: event files from a run's records ----
 
 @main.command(name="tensorboard")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_DIR...")
@@ -618,37 +581,29 @@ def tensorboard_cmd(run_dirs):
 
     Writes RUN_DIR/tensorboard/ (replacing what was there).
     """
-    from detector.record import reader, tensorboard
+    from detector.record import runs, tensorboard
 
-    found = reader.find(run_dirs)
+    found = runs.find(run_dirs)
     for run_dir in found:
-        reader.load(run_dir)  # every folder checked before any is written
+        runs.load(run_dir)  # every folder checked before any is written
     for run_dir in found:
         done = tensorboard.write(run_dir)
         click.echo(f"{done['path']}: {done['iterations']} iterations, {done['epochs']} epochs")
 
 
-# ---- batch: the --batch auto decision as a dry run (issue 3) ----
+# ---- batch: the --batch auto decision as a dry run ----
 
 @main.command(name="batch", context_settings={"ignore_unknown_options": False})
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="YOLO data YAML. Default: the built-in shapes dataset, as for train.")
-@click.option("--model", default="yolo11n.yaml", show_default=True, help="Model YAML name or a local .pt file.")
-@click.option("--imgsz", type=int, default=None, help="Training image size. Default 640; 128 on the built-in dataset.")
-@click.option("--device", default=None, help="cpu, 0, or 0,1 for two GPUs. Default: GPU 0 if present, else CPU.")
-@click.option("--batch-candidates", default="16,32,64", show_default=True, help="Batch sizes to choose from.")
-@click.option("--batch-safety", type=float, default=0.85, show_default=True,
-              help="Share of the GPU's total memory the measured peak may use.")
+@options.use("data", "model", "imgsz", "device", "batch.candidates", "batch.safety")
 @click.option("--gpu-memory", default=None, metavar="GB[,GB...]",
               help="Plan for GPUs of these sizes without one: the memory model predicts each candidate's peak.")
 @click.option("--classes", type=int, default=None, help="With --gpu-memory: number of classes (instead of the dataset's).")
 @click.option("--boxes-per-image", type=int, default=None,
               help="With --gpu-memory: boxes on the densest image (instead of the dataset's); x4 with mosaic.")
 @click.option("--json", "as_json", is_flag=True, help="With --gpu-memory: print one JSON object.")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.argument("overrides", nargs=-1, metavar=options.OVERRIDES_METAVAR)
 @_report_errors
-def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, gpu_memory, classes, boxes_per_image, as_json,
-              overrides):
+def batch_cmd(gpu_memory, classes, boxes_per_image, as_json, **params):
     """Show which batch `detector train --batch auto` would use, and what each candidate means (no training).
 
     On a GPU it builds the real model at the real image size and measures the
@@ -673,15 +628,13 @@ def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, gpu_me
     a GPU you do not have"). Writes no run folder; `detector train` records the
     same table in run.json's `batch`.
     """
-    from detector.config import BatchOptions, TrainConfig, parse_overrides
     from detector.train import autobatch
 
-    config = TrainConfig(data=data, model=model, imgsz=imgsz, device=device, overrides=parse_overrides(overrides),
-                         batch=BatchOptions.parse("auto", batch_candidates, batch_safety))
+    config = options.train_config(params)
     if gpu_memory is None:
         if classes is not None or boxes_per_image is not None or as_json:
             raise DetectorError("--classes, --boxes-per-image and --json go with --gpu-memory, e.g. --gpu-memory 24")
-        autobatch.dry_run(config, echo=click.echo)
+        autobatch.dry_run(config)
         return
     import json
 
@@ -689,7 +642,8 @@ def batch_cmd(data, model, imgsz, device, batch_candidates, batch_safety, gpu_me
 
     sizes = gpuplan.parse_gpu_sizes(gpu_memory)
     gpuplan.check_counts(classes, boxes_per_image)
-    result = gpuplan.plan(config, sizes, classes, boxes_per_image, echo=(lambda *_: None) if as_json else click.echo)
+    _show_progress(quiet=as_json)
+    result = gpuplan.plan(config, sizes, classes, boxes_per_image)
     click.echo(json.dumps(result.to_json(), indent=1) if as_json else gpuplan.describe(result))
 
 

@@ -25,7 +25,7 @@ AFTER_LAST_ITERATION = 10**9  # an epoch's validation pass comes after all of it
 def small_gpu(monkeypatch, above: int, val_above: int | None = None, epoch: int | None = None,
               iteration: int = 1) -> None:
     """Act as a GPU too small for more than `above` images per pass, from (epoch, iteration) on."""
-    from detector.yolo import probe, trainer
+    from detector.yolo import probe, recording
 
     limit_val = above if val_above is None else val_above
 
@@ -36,7 +36,7 @@ def small_gpu(monkeypatch, above: int, val_above: int | None = None, epoch: int 
             return
         raise torch.OutOfMemoryError(REAL_OOM_TEXT)
 
-    cls = trainer.RecordingTrainer
+    cls = recording.RecordingTrainer
     parent = cls.__mro__[1]  # Ultralytics' DetectionTrainer: its validate runs after the record marks the phase
     preprocess, validate = cls.preprocess_batch, parent.validate
 

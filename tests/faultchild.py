@@ -32,16 +32,16 @@ def install(phase: str, mode: str) -> None:
 
         check.require_trainable = lambda *a, **k: die(mode)
         return
-    from detector.yolo import callbacks, checkpoints, trainer
+    from detector.yolo import callbacks, checkpoints, recording
 
     if name == "first_iteration":
-        original = trainer.RecordingTrainer.preprocess_batch
+        original = recording.RecordingTrainer.preprocess_batch
 
         def preprocess_batch(self, batch):
             die(mode)
             return original(self, batch)
 
-        trainer.RecordingTrainer.preprocess_batch = preprocess_batch
+        recording.RecordingTrainer.preprocess_batch = preprocess_batch
     elif name == "mid_epoch":
         original = callbacks.IterationRows.on_train_batch_end
 
@@ -52,14 +52,14 @@ def install(phase: str, mode: str) -> None:
 
         callbacks.IterationRows.on_train_batch_end = on_train_batch_end
     elif name == "validation":
-        original = trainer.RecordingTrainer.validate
+        original = recording.RecordingTrainer.validate
 
         def validate(self):
             if self.epoch + 1 == n:
                 die(mode)
             return original(self)
 
-        trainer.RecordingTrainer.validate = validate
+        recording.RecordingTrainer.validate = validate
     elif name in ("checkpoint_write", "after_checkpoint"):
         _checkpoint_fault(checkpoints, name, n, mode)
     elif name == "final":

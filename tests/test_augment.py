@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from detector.augment import pipelines as augment
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.augment import preview
 from detector.yolo import loader
 from detector.cli import main

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from detector import config, facts
 from detector.train import autobatch
 from detector.train import batching
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.train.batching import Measurement as M
 from detector.cli import main
 from detector.errors import BatchError, UsageError
@@ -210,13 +210,13 @@ def test_densest_labels_counts_label_files_without_the_check(tiny_data):
 
 
 def test_is_out_of_memory_matches_pytorch_errors_only():
-    from detector.yolo import trainer
+    from detector.yolo import recording
 
-    assert trainer.is_out_of_memory(torch.OutOfMemoryError(REAL_OOM))
-    assert trainer.is_out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
-    assert trainer.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
-    assert not trainer.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"))
-    assert not trainer.is_out_of_memory(ValueError("out of memory"))
+    assert recording.is_out_of_memory(torch.OutOfMemoryError(REAL_OOM))
+    assert recording.is_out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
+    assert recording.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not recording.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"))
+    assert not recording.is_out_of_memory(ValueError("out of memory"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; this machine has CUDA")

@@ -1,4 +1,4 @@
-"""COCO-compatible predictions and COCO evaluation (issue 14, part 3), scored end to end with pycocotools
+"""COCO-compatible predictions and COCO evaluation, scored end to end with pycocotools
 against a small COCO annotation file the tests write from the tiny dataset's val labels."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_predict_with_coco_gt_loads_in_pycocotools(tiny_run, tiny_data, coco_gt,
         assert r["image_id"] == by_name[r["file_name"]]
         assert r["category_id"] == CATEGORY_IDS[r["category_name"]]
     coco = COCO(str(coco_gt))
-    dt = coco.loadRes(str(out / "predictions.json"))  # what the issue asks: the file loads as COCO results
+    dt = coco.loadRes(str(out / "predictions.json"))  # the file loads as COCO results, as pycocotools needs
     assert len(dt.getAnnIds()) == len(rows)
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from .conftest import run_cli
 from detector.data import check as dataset_check
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.cli import main
 
 

@@ -1,4 +1,4 @@
-"""Issue 16: detector's fast training loader against Ultralytics' own, at equal augmentation.
+"""detector's fast training loader against Ultralytics' own, at equal augmentation.
 
 Both loaders are drawn over the same seeds and the same sample order. The fast one
 draws its random numbers exactly as Ultralytics' pipeline does, so the layouts,
@@ -154,7 +154,7 @@ def test_loader_key_is_detectors_own():
 
 
 def test_preview_draws_the_same_batch_with_either_loader(tiny_data, tmp_path):
-    from detector.data import spec as datasets
+    from detector.data import datasets
     from detector.yolo import loader as yolo_loader
 
     data_yaml = datasets.load(tiny_data).write_resolved(tmp_path / "d.yaml")
@@ -183,7 +183,7 @@ def test_training_records_the_loader_it_ran(tiny_data, tmp_path, loader):
 
 def test_worker_batches_have_stock_keys_and_shapes(tiny_data, tmp_path):
     """With workers the images are stacked into shared memory; the batch must look as Ultralytics' does."""
-    from detector.data import spec as datasets
+    from detector.data import datasets
     from detector.yolo import loader as yolo_loader
 
     data_yaml = datasets.load(tiny_data).write_resolved(tmp_path / "d.yaml")

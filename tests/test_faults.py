@@ -1,4 +1,4 @@
-"""Issue 15: lose nothing and overwrite nothing under faults.
+"""Lose nothing and overwrite nothing under faults.
 
 The faults are injected from here: tests/faultchild.py kills a real training
 subprocess at a chosen phase (SIGKILL or Ctrl-C), monkeypatch makes the disk

@@ -1,8 +1,11 @@
-"""Issue 12: the gradient noise scale (estimator, meter, record), time to accuracy and the recommendation.
+"""The gradient noise scale (estimator, meter, record), time to accuracy and the recommendation.
 
-The estimator is checked on synthetic Gaussian gradients with a known B_simple and
-against the exhaustive value on a real tiny YOLO at fixed weights; the report's
-words on run folders written through the real Recorder (no training).
+The estimator is checked on synthetic Gaussian gradients with a known B_simple; the
+real meter (detector.yolo.gradstats.GradNoise) against the exact value from every
+example's own gradient of a small least-squares model at fixed weights; the record
+on the shared tiny training; the report's words on run folders written through the
+real Recorder (no training). The comparison with the exhaustive value on a real YOLO
+is a benchmark, not a test: tools/bench_gradnoise.py (figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

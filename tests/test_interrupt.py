@@ -99,7 +99,7 @@ def test_sigkill_leaves_parseable_files_and_resume_appends(tiny_data, tmp_path):
     proc.communicate(timeout=60)
     run = json.loads((run_dir / "run.json").read_text())  # still parseable, says how far it got
     assert run["status"] == "running" and run["progress"]["epochs_completed"] >= 2
-    from detector.record import reader as runs
+    from detector.record import runs
 
     assert any("killed without a trace" in note for note in runs.load(run_dir).notes)  # a reader can tell
     rows = complete_rows(run_dir / "iterations.csv")

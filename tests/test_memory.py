@@ -1,4 +1,4 @@
-"""The GPU memory model without a GPU (issue 11): allocator rules, fake run = real run, physics, decisions, CLI.
+"""The GPU memory model without a GPU: allocator rules, fake run = real run, physics, decisions, CLI.
 
 The fake run is checked against a real CPU run of the same steps with the same
 tracker (exact bytes); the caching allocator model against PyTorch's rules; the

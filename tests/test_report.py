@@ -18,7 +18,7 @@ import pytest
 
 from detector.report import analysis
 from detector.report import render as report
-from detector.record import reader as runs
+from detector.record import runs
 from detector.train import sweep
 from detector.errors import RunDirError, UsageError
 from detector.record.writer import Recorder

@@ -1,4 +1,4 @@
-"""TensorBoard event files (issue 14, part 2): read back with TensorBoard's own EventAccumulator and
+"""TensorBoard event files: read back with TensorBoard's own EventAccumulator and
 compared, value by value, with iterations.csv and epochs.csv."""
 
 from __future__ import annotations

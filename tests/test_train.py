@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.data import synth
 from detector.cli import main
 from detector.record.writer import Recorder, epoch_columns, iteration_columns
@@ -206,9 +206,9 @@ def test_recorder_drops_cut_rows_and_later_epochs(tmp_path):
 def test_first_epoch_oom_halving_keeps_the_record_consistent(tmp_path, tiny_data):
     import torch
 
-    from detector.yolo import trainer
+    from detector.yolo import recording
 
-    class OomOnceTrainer(trainer.RecordingTrainer):
+    class OomOnceTrainer(recording.RecordingTrainer):
         """Fails like a full GPU once, at the second batch of 16, with PyTorch's real message."""
 
         failed = False
@@ -226,7 +226,7 @@ def test_first_epoch_oom_halving_keeps_the_record_consistent(tmp_path, tiny_data
     Recorder(run_dir).start({"name": "oom", "batch": {"requested": "16", "chosen": 16}})
     args = {"data": str(tiny_data), "model": "yolo11n.yaml", "epochs": 2, "imgsz": 64, "batch": 16, "workers": 0,
             "project": str(tmp_path), "name": "oom", "exist_ok": True, "plots": False, "val": False}
-    outcome = trainer.train(args, Recorder(run_dir), trainer_cls=OomOnceTrainer)
+    outcome = recording.train(args, Recorder(run_dir), trainer_cls=OomOnceTrainer)
     assert outcome["batch_used"] == 8
     run = json.loads((run_dir / "run.json").read_text())
     (event,) = run["events"]
@@ -317,12 +317,12 @@ def test_python_dash_m_runs_the_cli():
 
 def test_only_rank_zero_records(tmp_path, tiny_data, monkeypatch):
     """Under DDP every rank runs the trainer; a process that is not rank 0 trains but writes no record."""
-    from detector.yolo import trainer
+    from detector.yolo import recording
 
-    monkeypatch.setattr(trainer, "RANK", 1)  # what this process would see as a second DDP worker
+    monkeypatch.setattr(recording, "RANK", 1)  # what this process would see as a second DDP worker
     args = {"data": str(tiny_data), "model": "yolo11n.yaml", "epochs": 1, "imgsz": 64, "batch": 16, "workers": 0,
             "project": str(tmp_path), "name": "r1", "exist_ok": True, "plots": False}
-    outcome = trainer.train(args, Recorder(tmp_path / "r1"))
+    outcome = recording.train(args, Recorder(tmp_path / "r1"))
     assert outcome["batch_used"] == 16 and (tmp_path / "r1/weights/last.pt").is_file()  # it did train
     assert not (tmp_path / "r1/iterations.csv").exists() and not (tmp_path / "r1/epochs.csv").exists()
     assert not (tmp_path / "r1/run.json").exists()

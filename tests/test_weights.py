@@ -1,4 +1,4 @@
-"""Pretrained weights (issue 14, part 1): the cache and the one download a user asks for.
+"""Pretrained weights: the cache and the one download a user asks for.
 
 A loopback HTTP server started here serves a real .pt (the tiny run's best.pt)
 as DETECTOR_WEIGHTS_URL. Every failure must be one line and leave nothing in the
@@ -186,6 +186,6 @@ def test_detector_download_env_allows_the_fetch(home, monkeypatch):
     from detector.weights import cache
 
     monkeypatch.setenv("DETECTOR_DOWNLOAD", "1")  # what a sweep or a script sets instead of --download
-    source = cache.resolve("yolov8n.pt", echo=lambda *_: None)
+    source = cache.resolve("yolov8n.pt")
     assert source["downloaded"] is True and source["url"].endswith("/yolov8n.pt")
     assert _cache(home) == ["yolov8n.pt", "yolov8n.pt.json"]

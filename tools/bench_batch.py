@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def _config(args, model: str):
     from detector.config import BatchOptions, TrainConfig, with_builtin_defaults
@@ -40,7 +38,7 @@ def bench_model(args, model: str, data, device: dict) -> None:
     config = _config(args, model)
     started = time.perf_counter()
     try:
-        decision = autobatch.decide(config, data, device, echo=lambda line: None)
+        decision = autobatch.decide(config, data, device)
         print(f"\n{model} at imgsz {config.imgsz}: decided in {time.perf_counter() - started:.1f} s")
         print(autobatch.describe(decision))
     except BatchError as e:  # nothing fits: still a result worth printing
@@ -70,7 +68,7 @@ def main(argv: list[str]) -> None:
     from detector.yolo import checks
 
     config = _config(args, args.models.split(",")[0])
-    config, data, _ = prepare(config, echo=print)
+    config, data, _ = prepare(config)
     device = checks.device_info(args.device)
     where = "CPU" if device["type"] == "cpu" else f"{device['name']} ({device['total_memory_gb']:.1f} GB)"
     print(f"dataset {data.yaml}: {data.train_images} training images; device {where}")

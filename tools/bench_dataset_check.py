@@ -30,7 +30,7 @@ def _time(fn, repeat: int) -> list[float]:
 def bench(yaml_path: Path, repeat: int = 5) -> None:
     """Print full-check and cached-check times (dataset load included) for one data YAML."""
     from detector.data import check as dataset_check
-    from detector.data import spec as datasets
+    from detector.data import datasets
 
     full = _time(lambda: dataset_check.check(datasets.load(yaml_path)), repeat)
     dataset_check.cached_check(datasets.load(yaml_path))  # fill the cache

@@ -2,7 +2,7 @@
 
 Trains the built-in demo (nbs 16 = batch: accumulate 1, AdamW) at a tiny imgsz with
 the gradient meter on, and at the end of chosen epochs stops to measure B_simple at
-those live weights (detector.yolo.gradcheck): exhaustively over every training image
+those live weights (tools/gradcheck.py): exhaustively over every training image
 (several shuffled passes at the training batch) and through the meter's own code at
 fixed weights (consecutive pairs, and accumulation groups). The epoch's in-training
 value (epochs.csv grad_noise_scale) averages over the epoch's changing weights.
@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import helpers  # noqa: F401  (tools/helpers.py: prepares the runtime first)
 
-import helpers  # noqa: E402,F401  (tools/helpers.py: prepares the runtime first)
-
-from detector import runtime  # noqa: E402
-from detector.config import BUILTIN_OVERRIDES  # noqa: E402
-from detector.data import spec as datasets  # noqa: E402
-from detector.data import synth  # noqa: E402
-from detector.record.writer import Recorder  # noqa: E402
+from detector import runtime
+from detector.config import BUILTIN_OVERRIDES
+from detector.data import datasets
+from detector.data import synth
+from detector.record.writer import Recorder
 
 
 def parse_args():
@@ -47,8 +44,8 @@ def main() -> None:
     args = parse_args()
     at = {int(x) for x in args.at.split(",")}
     data_yaml = Path(args.data) if args.data else synth.ensure(synth.SynthSpec(), runtime.datasets_cache())
-    from detector.yolo import gradcheck
-    from detector.yolo import trainer as recording
+    import gradcheck  # tools/gradcheck.py
+    from detector.yolo import recording
 
     measured: dict[int, dict] = {}
 

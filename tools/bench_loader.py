@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "coco128.yaml"
 BASELINES = {"decode", "stock", "default", "ultralytics-loader"}  # Ultralytics' default Albumentations set
 
@@ -104,7 +103,7 @@ def step_cpu_ms(files: list[str], transforms, imgsz: int, passes: int = 4) -> fl
     import cv2
     import numpy as np
 
-    from detector.data import spec as datasets
+    from detector.data import datasets
     from detector.yolo import loader as yolo_loader
 
     step = yolo_loader.albumentations_step(transforms)
@@ -132,7 +131,7 @@ def per_transform(data_yaml: Path, pipelines: list[str], imgsz: int) -> None:
     import albumentations as A
 
     from detector.augment import pipelines as augment
-    from detector.data import spec as datasets
+    from detector.data import datasets
 
     files = datasets.load(data_yaml).splits["train"]
     print("\n| transform (p=1) | from | step CPU ms/image | its p | expected ms/image at its p |")
@@ -152,7 +151,7 @@ def per_transform(data_yaml: Path, pipelines: list[str], imgsz: int) -> None:
 def child(spec: dict) -> dict:
     """Measure one configuration in this process and return its figures."""
     from detector.augment import pipelines as augment
-    from detector.data import spec as datasets
+    from detector.data import datasets
 
     data = datasets.load(spec["data"])
     if spec["pipeline"] == "decode":
@@ -214,7 +213,7 @@ def repeated_dataset(data_yaml: Path, n: int, root: Path) -> Path:
     """A dataset of n training images: the source's images (and labels) symlinked over and over under root."""
     import yaml
 
-    from detector.data import spec as datasets
+    from detector.data import datasets
 
     src = datasets.load(data_yaml)
     (root / "images" / "train").mkdir(parents=True)
@@ -275,7 +274,7 @@ def main(argv=None) -> None:
                           f"{r['workers_peak_rss_mb']:.0f} |", flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        from detector.data import spec as datasets
+        from detector.data import datasets
 
         mirror = repeated_dataset(args.data, datasets.load(args.data).train_images, Path(tmp) / "mirror")
         runs = paired_rounds({**base, "data": str(mirror)}, pipelines, args.images, args.repeat)

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import helpers  # tools/helpers.py: prepares the runtime first
 
-import helpers  # noqa: E402  (tools/helpers.py: prepares the runtime first)
-
-from detector import runtime  # noqa: E402
-from detector.data import spec as datasets  # noqa: E402
-from detector.data import synth  # noqa: E402
-from detector.record.writer import Recorder  # noqa: E402
+from detector import runtime
+from detector.data import datasets
+from detector.data import synth
+from detector.record.writer import Recorder
 
 
 def parse_args():
@@ -68,7 +65,7 @@ def time_grad_meter(spent: list[float]) -> None:
 def main() -> None:
     args = parse_args()
     data_yaml = Path(args.data) if args.data else synth.ensure(synth.SynthSpec(), runtime.datasets_cache())
-    from detector.yolo import trainer as recording
+    from detector.yolo import recording
 
     callback_time, meter_time = [0.0], [0.0]
     helpers.time_recording_callbacks(callback_time)

@@ -12,15 +12,12 @@ Prints a Markdown table: stage, ms per output image, share of the total.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "coco128.yaml"
 
 SPENT: dict[str, float] = defaultdict(float)
@@ -88,7 +85,7 @@ def main(argv=None) -> None:
 
     from bench_loader import repeated_dataset
 
-    from detector.data import spec as datasets
+    from detector.data import datasets
     from detector.yolo import loader as yolo_loader
 
     # read through symlinks, so the label cache is written there, not beside the dataset; removed at exit

@@ -5,13 +5,10 @@ Nothing in detector/ imports this; it lives beside the benchmarks that need it.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from detector import runtime  # noqa: E402
+from detector import runtime
 
 runtime.prepare()  # before ultralytics is imported
 
@@ -27,7 +24,7 @@ def unrecorded_trainer():
     """detector's trainer (its single-threaded collate) with no callbacks attached."""
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    from detector.yolo.trainer import RecordingTrainer
+    from detector.yolo.recording import RecordingTrainer
 
     from detector.yolo import fastload
 
@@ -105,7 +102,7 @@ def ultralytics_autobatch(model_spec: str, nc: int, imgsz: int, device_index: in
     from ultralytics.utils.autobatch import check_train_batch_size
 
     from detector.yolo.hermetic import offline_check_amp
-    from detector.yolo.trainer import release_device_memory
+    from detector.yolo.recording import release_device_memory
 
     if not torch.cuda.is_available():
         raise SystemExit("Ultralytics' AutoBatch needs a CUDA device")

@@ -17,7 +17,7 @@ import numpy as np
 
 from detector import runtime
 from detector.augment import pipelines as augment
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.data import synth
 from detector.errors import UsageError
 

@@ -14,6 +14,7 @@ plain string splitting. The result is cached by the dataset's fingerprint.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -24,9 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from detector import runtime
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.data.inspect_files import Problem, inspect_image, parse_label
 from detector.errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 CHECK_VERSION = 1  # bump when the checks change, so cached results are recomputed
 
@@ -230,14 +233,14 @@ def _mtimes(info: datasets.DatasetInfo) -> str:
     return h.hexdigest()
 
 
-def require_trainable(info: datasets.DatasetInfo, echo=print) -> datasets.DatasetInfo:
+def require_trainable(info: datasets.DatasetInfo) -> datasets.DatasetInfo:
     """Run the cached check; refuse a dataset with errors, showing the summary and its problems first.
 
     Returns info with the check's key figures attached, for the run's dataset entry.
     """
     result = cached_check(info)
     if not result.ok:
-        echo(format_report(result, max_problems=20))
+        log.info(format_report(result, max_problems=20))
         first = result.errors[0]
         raise DatasetError(
             f"dataset {info.yaml} has {_plural(len(result.errors), 'error')} that would break or silently damage "

@@ -11,7 +11,7 @@ import glob
 import os
 from pathlib import Path
 
-from detector.data.spec import IMAGE_SUFFIXES
+from detector.data.datasets import IMAGE_SUFFIXES
 from detector.errors import ImageError
 
 

@@ -3,13 +3,14 @@
 `run(ExportConfig)` is what `detector export` calls: resolve the weights (a run
 folder's best.pt or a .pt file), export with Ultralytics on the CPU, then run the
 same images from the run's val set through both models and compare (see
-detector.parity). It writes export.json beside the exported file with the
+detector.deploy.parity). It writes export.json beside the exported file with the
 figures, and raises ExportError when the detections differ, so a bad export
 never passes unnoticed.
 """
 
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 import statistics
@@ -22,6 +23,8 @@ from pathlib import Path
 from detector.deploy import parity
 from detector.data import sources
 from detector.errors import ExportError, ModelError, RunDirError, UsageError
+
+log = logging.getLogger(__name__)
 
 
 # Largest raw class-score difference accepted (scores are 0..1). float32 exports differ by about 1e-7 and
@@ -68,7 +71,7 @@ def parity_files(config: ExportConfig, run_dir: Path | None, data_yaml: str | No
     """The first N images of --images, else of the run's val set, else of the val set the .pt was trained on."""
     if config.images:
         return sources.resolve(config.images)[: config.parity_images]
-    from detector.data import spec as datasets
+    from detector.data import datasets
 
     for candidate in ([run_dir / "data.yaml"] if run_dir else []) + ([Path(data_yaml)] if data_yaml else []):
         if candidate.is_file():
@@ -93,7 +96,7 @@ def check_config(config: ExportConfig, formats: dict) -> None:
         raise UsageError(f"--conf {config.conf} must lie between 0 and 1")
 
 
-def run(config: ExportConfig, echo=print) -> Path:
+def run(config: ExportConfig) -> Path:
     """Export, check parity, write export.json; return the exported file. ExportError when parity fails."""
     from detector.yolo import checks, inference
 
@@ -104,7 +107,7 @@ def run(config: ExportConfig, echo=print) -> Path:
     files = parity_files(config, run_dir, model_defaults["data"])
     images = [sources.read(f) for f in files]  # an unreadable image stops us before exporting
 
-    echo(f"Exporting {weights} to {config.format} at imgsz {imgsz} (CPU)...")
+    log.info(f"Exporting {weights} to {config.format} at imgsz {imgsz} (CPU)...")
     t0 = time.time()
     options = {"half": config.half, "dynamic": config.dynamic, "simplify": config.simplify, "opset": config.opset}
     if config.out:
@@ -120,7 +123,7 @@ def run(config: ExportConfig, echo=print) -> Path:
         exported = inference.export_model(weights, config.format, imgsz, **options)
     export_s = time.time() - t0
 
-    echo(f"Checking parity on {len(files)} image(s) at conf {config.conf}...")
+    log.info(f"Checking parity on {len(files)} image(s) at conf {config.conf}...")
     figures = compare(weights, exported, config.format, imgsz, files, images, config.conf, config.iou_match)
     record = {
         "format": config.format, "file": exported.name, "path": str(exported.resolve()),
@@ -131,21 +134,21 @@ def run(config: ExportConfig, echo=print) -> Path:
         **figures, "versions": checks.versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     out_json = _write_json(exported.parent / "export.json", record)
-    _report(record, config, out_json, echo)
+    _report(record, config, out_json)
     return exported
 
 
-def _report(record: dict, config: ExportConfig, out_json: Path, echo) -> None:
+def _report(record: dict, config: ExportConfig, out_json: Path) -> None:
     """Print the parity and latency figures; raise ExportError when the export fails the check."""
     p, lat = record["parity"], record["latency_ms_per_image"]
     matched = p["matched_final"] + p["matched_candidates"]
-    echo(f"Parity: max |raw diff| {p['max_abs_diff']:.3g} (boxes {p['max_abs_diff_boxes_px']:.3g} px, scores "
-         f"{p['max_abs_diff_scores']:.3g}); {matched}/{p['boxes_compared']} boxes matched "
-         f"(same class, IoU >= {config.iou_match})")
-    echo(f"Latency (CPU, batch 1): pt {lat['pt']:.2f} ms/image, {config.format} {lat['export']:.2f} ms/image")
+    log.info(f"Parity: max |raw diff| {p['max_abs_diff']:.3g} (boxes {p['max_abs_diff_boxes_px']:.3g} px, scores "
+             f"{p['max_abs_diff_scores']:.3g}); {matched}/{p['boxes_compared']} boxes matched "
+             f"(same class, IoU >= {config.iou_match})")
+    log.info(f"Latency (CPU, batch 1): pt {lat['pt']:.2f} ms/image, {config.format} {lat['export']:.2f} ms/image")
     if not p["boxes_compared"]:
-        echo(f"Warning: no box scored {config.conf} or more on these images, so only raw outputs were compared; "
-             "lower --conf or pass --images with images the model detects things in")
+        log.info(f"Warning: no box scored {config.conf} or more on these images, so only raw outputs were compared; "
+                 "lower --conf or pass --images with images the model detects things in")
     if p["max_abs_diff_scores"] > SCORE_TOLERANCE:
         raise ExportError(f"the {config.format} export's class scores differ from the .pt's by up to "
                           f"{p['max_abs_diff_scores']:.3g} (tolerance {SCORE_TOLERANCE}); see {out_json}")

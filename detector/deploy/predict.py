@@ -8,6 +8,7 @@ before any output is written.
 
 from __future__ import annotations
 
+import logging
 import csv
 import json
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 from detector.data import sources
 from detector.deploy import coco
 from detector.errors import ModelError, UsageError
+
+log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("image_id", "file_name", "category_id", "category_name", "score", "x", "y", "w", "h")
 
@@ -60,7 +63,7 @@ def detections(result: dict, image_id: int, file_name: str) -> list[dict]:
     return rows
 
 
-def run(config: PredictConfig, echo=print) -> Path:
+def run(config: PredictConfig) -> Path:
     """Predict on every image of SOURCE and write the outputs; return the output folder."""
     if not 0 < config.conf < 1:
         raise UsageError(f"--conf {config.conf} must lie between 0 and 1")
@@ -78,7 +81,7 @@ def run(config: PredictConfig, echo=print) -> Path:
         remap.with_classes(model.names)
     out = Path(config.out or Path("predictions") / datetime.now().strftime("%Y%m%d-%H%M%S")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    echo(f"Predicting {len(files)} image(s) with {weights} on {config.device}...")
+    log.info(f"Predicting {len(files)} image(s) with {weights} on {config.device}...")
     rows = []
     for start in range(0, len(files), config.batch):
         chunk = files[start:start + config.batch]
@@ -90,8 +93,8 @@ def run(config: PredictConfig, echo=print) -> Path:
                 _save_image(out / "images" / names[i], result["plot"])
     rows = remap.apply(rows) if remap else rows
     _write(out, rows)
-    echo(f"{len(rows)} box(es) on {len(files)} image(s) above conf {config.conf}: "
-         f"{out}/predictions.json, predictions.csv" + (", images/" if config.save_images else ""))
+    log.info(f"{len(rows)} box(es) on {len(files)} image(s) above conf {config.conf}: "
+             f"{out}/predictions.json, predictions.csv" + (", images/" if config.save_images else ""))
     return out
 
 

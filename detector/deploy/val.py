@@ -8,6 +8,7 @@ get the file's ids (detector.deploy.coco) and pycocotools scores them.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from detector.data import sources
 from detector.deploy import coco
 from detector.deploy.predict import detections, resolve_weights
 from detector.errors import DatasetError, UsageError
+
+log = logging.getLogger(__name__)
 
 WHY_THEY_DIFFER = (
     "They differ by design: Ultralytics integrates an interpolated precision-recall curve (trapezoids over 101 "
@@ -47,9 +50,9 @@ def _data_yaml(config: ValConfig, weights: Path) -> Path:
     raise UsageError(f"no dataset for {weights}: pass --data with the YOLO data YAML to validate on")
 
 
-def run(config: ValConfig, echo=print) -> dict:
+def run(config: ValConfig) -> dict:
     """Validate and return {'weights', 'data', 'images', 'ultralytics': {...}, 'coco': {...} or None}."""
-    from detector.data import spec as datasets
+    from detector.data import datasets
 
     weights = resolve_weights(config.source)
     if weights.suffix != ".pt":
@@ -64,7 +67,7 @@ def run(config: ValConfig, echo=print) -> dict:
     model = inference.load_model(weights)
     remap = matched.with_classes(model.names) if matched else None  # class names checked before the long part
     imgsz = config.imgsz or int(inference.model_defaults(model)["imgsz"] or 640)
-    echo(f"Validating {weights} on {len(val_files)} val image(s) of {data.yaml} at imgsz {imgsz}...")
+    log.info(f"Validating {weights} on {len(val_files)} val image(s) of {data.yaml} at imgsz {imgsz}...")
     with tempfile.TemporaryDirectory(prefix="detector-val-") as tmp:
         resolved = data.write_resolved(Path(tmp) / "data.yaml")
         ultralytics = validate.validate(weights, resolved, imgsz, config.batch, config.device)
@@ -72,7 +75,7 @@ def run(config: ValConfig, echo=print) -> dict:
               "ultralytics": ultralytics, "coco": None}
     if remap:
         files = [f for f in val_files if f.name in remap.image_ids]
-        echo(f"COCO: predicting {len(files)} image(s) listed in {config.coco_gt}...")
+        log.info(f"COCO: predicting {len(files)} image(s) listed in {config.coco_gt}...")
         rows = _predict(model, files, config, imgsz)
         scored = remap.apply(rows)
         result["coco"] = {"annotations": str(config.coco_gt), "images": len(files), "detections": len(scored),

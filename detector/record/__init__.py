@@ -1,1 +1,1 @@
-"""The run folder (the run-directory contract): `writer` writes it during training, `reader` reads it back."""
+"""The run folder (the run-directory contract): `writer` writes it during training, `runs` reads it back."""

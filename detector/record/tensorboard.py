@@ -18,6 +18,7 @@ network.
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
@@ -29,8 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from detector.errors import UsageError
-from detector.record import reader
+from detector.record import runs
 from detector.record.writer import EPOCH_METRICS
+
+log = logging.getLogger(__name__)
 
 TB_DIR = "tensorboard"
 INSTALL_HINT = "pip install 'detector[tensorboard]'"
@@ -95,7 +98,7 @@ def _hparam_value(value):
 def write(run_dir: str | Path) -> dict:
     """Write RUN/tensorboard/ from the run's CSVs, replacing what was there; return counts of what was written."""
     require()
-    run = reader.load(run_dir)
+    run = runs.load(run_dir)
     tmp = run.path / f".{TB_DIR}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -115,7 +118,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_events(run: reader.Run, logdir: Path) -> dict:
+def _write_events(run: runs.Run, logdir: Path) -> dict:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     logdir.mkdir(parents=True)
@@ -136,7 +139,7 @@ def _write_events(run: reader.Run, logdir: Path) -> dict:
     return {"iteration_values": n_iter, "epoch_values": n_epoch, "iterations": len(it), "epochs": len(ep)}
 
 
-def _scalars(writer, table: reader.Table, index: tuple, step_column: str, tag, wall_time) -> int:
+def _scalars(writer, table: runs.Table, index: tuple, step_column: str, tag, wall_time) -> int:
     """One scalar event per non-empty cell of every measurement column; returns how many were written."""
     from tensorboard.compat.proto import event_pb2, summary_pb2
 
@@ -153,7 +156,7 @@ def _scalars(writer, table: reader.Table, index: tuple, step_column: str, tag, w
     return written
 
 
-def _epoch_end_times(iterations: reader.Table) -> dict[int, float]:
+def _epoch_end_times(iterations: runs.Table) -> dict[int, float]:
     """Seconds since the start at each epoch's last iteration (time_s), for the epoch events' wall time."""
     ep, t = iterations.get("epoch"), iterations.get("time_s")
     if ep is None or t is None:
@@ -168,7 +171,7 @@ def _started(meta: dict) -> float:
         return 0.0
 
 
-def _hparams_event(run: reader.Run, start: float):
+def _hparams_event(run: runs.Run, start: float):
     """The HParams plugin's session-start summary: the config, grouped by run name."""
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -183,7 +186,7 @@ def _hparams_event(run: reader.Run, start: float):
     return _plugin_event(plugin_data_pb2.HParamsPluginData(session_start_info=info), "session_start_info", start)
 
 
-def _session_end_event(run: reader.Run):
+def _session_end_event(run: runs.Run):
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
     status = {"completed": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE,
@@ -218,7 +221,7 @@ class LiveWriter:
     def __init__(self, run_dir: Path, meta: dict):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        run = reader.Run(path=Path(run_dir), meta=meta, iterations=reader.Table(), epochs=reader.Table())
+        run = runs.Run(path=Path(run_dir), meta=meta, iterations=runs.Table(), epochs=runs.Table())
         self._writer = EventFileWriter(str(Path(run_dir) / TB_DIR), flush_secs=self.FLUSH_S)
         self._writer.add_event(_hparams_event(run, _started(meta)))
 
@@ -265,7 +268,7 @@ def live(recorder, run_dir: Path) -> LiveWriter:
     return writer
 
 
-def after_training(run_dir: Path, echo=print, stream: LiveWriter | None = None) -> None:
+def after_training(run_dir: Path, stream: LiveWriter | None = None) -> None:
     """Write the event files at the end of `detector train --tensorboard`, whatever the run's outcome.
 
     Replaces what the live stream wrote with the CSVs' final rows. Called from a
@@ -277,7 +280,7 @@ def after_training(run_dir: Path, echo=print, stream: LiveWriter | None = None) 
     try:
         done = write(run_dir)
     except Exception as e:  # the run's own outcome matters more than its TensorBoard copy
-        echo(f"TensorBoard files not written: {e}; write them with: detector tensorboard {run_dir}")
+        log.info(f"TensorBoard files not written: {e}; write them with: detector tensorboard {run_dir}")
         return
-    echo(f"TensorBoard: {done['path']} ({done['iterations']} iterations, {done['epochs']} epochs); "
-         f"view with: tensorboard --logdir {Path(run_dir).parent}")
+    log.info(f"TensorBoard: {done['path']} ({done['iterations']} iterations, {done['epochs']} epochs); "
+             f"view with: tensorboard --logdir {Path(run_dir).parent}")

@@ -4,7 +4,7 @@ The recorder knows nothing of Ultralytics: the trainer's callbacks copy the few
 fields they need into plain dicts and hand them here. Rows are written whole and
 flushed one at a time, so a run killed at any moment leaves complete rows only;
 run.json is replaced atomically (write a temp file, rename), so it is never half
-written. Values are written raw; smoothing belongs to the reader (record.reader).
+written. Values are written raw; smoothing belongs to the reader (record.runs).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What a comparison of runs says: per-run figures, the kind of comparison, confounders, seed noise.
 
-Pure functions of runs read by detector.runs; report.py turns their results into
-HTML and Markdown. Nothing here draws or writes files.
+Pure functions of runs read by detector.record.runs; report.comparison gathers
+their results for the report (report.sections lays it out, report.emit writes it).
+Nothing here draws or writes files.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector import facts
-from detector.record.reader import Run, steps_per_epoch
+from detector.record.runs import Run, steps_per_epoch
 
 REFERENCE_BATCH = 64  # the batch whose learning rate a sweep's lr0 is, under --semantics true
 

@@ -1,7 +1,9 @@
 """The comparison's figures as PNG files (matplotlib, Agg backend: no display, no network).
 
-Each function draws one figure for a list of runs and returns the file it wrote.
-Runs of the same batch size share a colour; seeds differ in line style.
+Each function draws one figure for a list of runs and returns the file it wrote;
+`draw` writes all of the report's figures. Runs of the same batch size share a
+colour; seeds differ in line style. The captions are the report's text
+(report.sections).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from detector.report.analysis import batch_used  # noqa: E402
-from detector.record.reader import Run, ema, smoothing_weight  # noqa: E402
+from detector.report.analysis import batch_used, shared_loss_terms  # noqa: E402
+from detector.record.runs import Run, ema, smoothing_weight  # noqa: E402
 
 _STYLES = ("-", "--", ":", "-.")
 DPI = 110
@@ -192,3 +194,20 @@ def noise_scale(runs: list[Run], rows: list[dict], path: Path) -> Path | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def draw(runs: list[Run], rows: list[dict], plot_dir: Path) -> list[Path]:
+    """Every figure of the report into plot_dir, in report order; a figure with nothing to show is left out."""
+    shared, train_terms, val_terms = shared_loss_terms(runs)
+    drawn = [
+        loss_curve(runs, "iteration", "iteration", plot_dir / "loss_vs_iteration.png"),
+        loss_curve(runs, "images_seen", "images seen", plot_dir / "loss_vs_images.png"),
+        loss_curve(runs, "time_s", "wall time (s)", plot_dir / "loss_vs_time.png"),
+        loss_terms(runs, shared, plot_dir / "loss_terms.png"),
+        epoch_metrics(runs, "epoch", plot_dir / "map_vs_epoch.png"),
+        epoch_metrics(runs, "time", plot_dir / "map_vs_time.png"),
+        epoch_losses(runs, train_terms, val_terms, plot_dir / "loss_per_epoch.png"),
+        speed_memory(rows, runs, plot_dir / "speed_memory.png"),
+        noise_scale(runs, rows, plot_dir / "noise_scale.png"),
+    ]
+    return [p for p in drawn if p is not None]

@@ -15,12 +15,12 @@ fixed) are the evidence, whichever case it is.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from detector.config import BUILTIN_OVERRIDES, DEFAULT_SAFETY
-from detector.record.reader import Run
+from detector.config import BUILTIN_OVERRIDES, DEFAULT_SAFETY, SWEEP_OPTIONS, TrainConfig
+from detector.record.runs import Run
 from detector.report import analysis, timing
 
 SEEDS_TO_SETTLE = "0,1,2"
@@ -211,22 +211,18 @@ def settle_command(runs: list[Run], rows: list[dict]) -> str:
     args = ["detector", "sweep", "--batch", ",".join(map(str, batches)), "--seeds", SEEDS_TO_SETTLE]
     if sweep.get("semantics") == "true":
         args += ["--semantics", "true"] + (["--lr-scaling", sweep["lr_scaling"]] if sweep.get("lr_scaling") else [])
-    for key, flag in (("data", "--data"), ("epochs", "--epochs"), ("imgsz", "--imgsz")):
-        if cfg.get(key) is not None:
-            args += [flag, str(cfg[key])]
-    if cfg.get("model") and cfg["model"] != "yolo11n.yaml":
-        args += ["--model", str(cfg["model"])]
+    template = TrainConfig.from_record(cfg)
+    args += template.to_argv(only=[k for k in SWEEP_OPTIONS if k != "overrides"])
     if sweep.get("sweep") and runs[0].path.parent.name == sweep["sweep"]:  # continue that sweep: same folder
         args += ["--project", str(runs[0].path.parent.parent), "--name", sweep["sweep"]]
     by_sweep = {"nbs", "lr0"} if sweep.get("lr0") else {"nbs"}  # set per run by the sweep itself
     builtin = BUILTIN_OVERRIDES if cfg.get("data") is None else {}
-    overrides = dict(cfg.get("overrides") or {})
+    overrides = dict(template.overrides)
     if sweep.get("semantics") == "true":  # the sweep scaled lr0 from its base: give the base back
         overrides.update({k: sweep[s] for k, s in (("optimizer", "optimizer"), ("lr0", "base_lr0")) if sweep.get(s)})
         by_sweep = {"nbs"}
-    for k, v in sorted(overrides.items()):
-        if k not in by_sweep and not (k in builtin and builtin[k] == v):
-            args.append(f"{k}={v}")
+    kept = {k: v for k, v in sorted(overrides.items()) if k not in by_sweep and not (k in builtin and builtin[k] == v)}
+    args += replace(template, overrides=kept).to_argv(only=["overrides"])
     return shlex.join(args)
 
 

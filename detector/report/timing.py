@@ -1,6 +1,6 @@
 """Time to accuracy: when each run first reached a share of the best mAP50-95 among the compared runs.
 
-Pure functions of runs read by detector.record.reader. An epoch's mAP is known at
+Pure functions of runs read by detector.record.runs. An epoch's mAP is known at
 its end, so a run "reaches" a target at the end of the first epoch whose mAP50-95
 is at least the target; wall time there is the sum of its epoch times (training
 and validation, as in the mAP-against-time plot), images seen and optimizer steps
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.record.reader import Run
+from detector.record.runs import Run
 
 SHARES = (0.5, 0.9)
 

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from detector.config import TrainConfig
 from detector.record.writer import Recorder, now_iso, write_json_atomic
 
 ATTEMPTS = ".attempts"  # SWEEP/.attempts/<run>/<attempt>/: one folder per try of a run
@@ -74,7 +75,7 @@ def execute(spec: RunSpec, node: str = "") -> dict:
         copy = Recorder(run_dir)
         if copy.read().get("status") == "running":  # the copy runs nowhere, whatever the original still does
             copy.update(status="interrupted")
-        args = ["train", "--resume", str(run_dir), *(["--device", spec.device] if spec.device else [])]
+        args = ["train", *TrainConfig(resume=run_dir, device=spec.device).to_argv()]
     write_json_atomic(attempt / ATTEMPT_JSON, {"node": node, "host": platform.node(), "pid": os.getpid(),
                                                "started": time.time(), "resumed_from": str(source or "")})
     if is_completed(run_dir):  # trained to the end before, but its task was lost before putting it in place

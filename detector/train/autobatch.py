@@ -8,14 +8,17 @@ picks the GPU to decide against, runs the probe and records how long it took.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from detector import facts
 from detector.config import TrainConfig
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.train import batching
+
+log = logging.getLogger(__name__)
 
 
 def densest_labels(data: datasets.DatasetInfo) -> int:
@@ -45,14 +48,14 @@ def label_load(densest: int, overrides: dict) -> tuple[int, int]:
     return facts.boxes_per_training_image(densest, overrides), max(densest, 1)
 
 
-def decide(config: TrainConfig, data: datasets.DatasetInfo, device: dict, echo=print) -> batching.BatchDecision:
+def decide(config: TrainConfig, data: datasets.DatasetInfo, device: dict) -> batching.BatchDecision:
     """The batch for a training: explicit as given, 'auto' as 16 on CPU, measured on CUDA."""
     if not config.batch.auto or device.get("type") != "cuda":
         return batching.decide_cpu(config.batch.requested, data.train_images, config.batch.candidates, config.nbs)
-    return _probe_and_decide(config, data, echo)
+    return _probe_and_decide(config, data)
 
 
-def _probe_and_decide(config: TrainConfig, data, echo) -> batching.BatchDecision:
+def _probe_and_decide(config: TrainConfig, data) -> batching.BatchDecision:
     from detector.yolo import checks, probe
 
     opts = config.batch
@@ -64,14 +67,14 @@ def _probe_and_decide(config: TrainConfig, data, echo) -> batching.BatchDecision
     densest = densest_labels(data)
     train_labels, val_labels = label_load(densest, config.overrides)
     name = f"GPU {target['index']} ({target['name']})"
-    echo(f"probing batch sizes {', '.join(map(str, opts.candidates))} on {name} at imgsz {imgsz} with "
-         f"{train_labels} boxes per training image (densest image: {densest})...")
+    log.info(f"probing batch sizes {', '.join(map(str, opts.candidates))} on {name} at imgsz {imgsz} with "
+             f"{train_labels} boxes per training image (densest image: {densest})...")
     model = checks.check_model(config.model)
-    predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates, echo)
+    predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates)
     skipped = skip_by_prediction(predicted, budget)
     for c in skipped:
-        echo(f"not probing batch {c}: the memory model predicts {predicted[c]:.2f} GB, over {SKIP_FACTOR:g} x the "
-             f"{budget:.2f} GB budget")
+        log.info(f"not probing batch {c}: the memory model predicts {predicted[c]:.2f} GB, over {SKIP_FACTOR:g} x the "
+                 f"{budget:.2f} GB budget")
     started = time.perf_counter()
     measured = probe.probe_batch_memory(
         model, len(data.names), imgsz, [c for c in opts.candidates if c not in skipped], target["index"],
@@ -93,14 +96,13 @@ def _probe_and_decide(config: TrainConfig, data, echo) -> batching.BatchDecision
 SKIP_FACTOR = 1.5
 
 
-def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, candidates,
-                    echo) -> dict[int, float]:
+def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, candidates) -> dict[int, float]:
     """The memory model's peak reserved GiB per candidate (training or validation), or {} when it cannot run."""
     try:
         settings = memory_settings(config, model, nc, imgsz, densest)
         return {p.batch: p.peak_gb for p in predict_candidates(settings, candidates)}
     except Exception as e:  # noqa: BLE001  the prediction only advises the probe: never fail a training over it
-        echo(f"memory model unavailable ({type(e).__name__}: {e}); probing every candidate")
+        log.info(f"memory model unavailable ({type(e).__name__}: {e}); probing every candidate")
         return {}
 
 
@@ -153,17 +155,17 @@ def describe(decision: batching.BatchDecision) -> str:
     return "\n".join(lines)
 
 
-def dry_run(config: TrainConfig, echo=print) -> batching.BatchDecision:
+def dry_run(config: TrainConfig) -> batching.BatchDecision:
     """`detector batch`: what `detector train` with the same options would choose, without training."""
     from detector.train.preflight import prepare
     from detector.yolo import checks
 
-    config, data, _ = prepare(config, echo)
+    config, data, _ = prepare(config)
     device = checks.device_info(config.device)
-    echo(f"dataset {data.yaml}: {data.train_images} training images, {data.val_images} validation images")
+    log.info(f"dataset {data.yaml}: {data.train_images} training images, {data.val_images} validation images")
     where = "CPU" if device["type"] == "cpu" else f"{device['name']} ({device['total_memory_gb']:.1f} GB)"
-    echo(f"model {config.model} at imgsz {config.imgsz or 640} on {where}, nbs {config.nbs}")
-    decision = decide(config, data, device, echo)
-    echo(describe(decision))
-    echo(batching.explain(data.train_images, config.nbs))
+    log.info(f"model {config.model} at imgsz {config.imgsz or 640} on {where}, nbs {config.nbs}")
+    decision = decide(config, data, device)
+    log.info(describe(decision))
+    log.info(batching.explain(data.train_images, config.nbs))
     return decision

@@ -8,28 +8,22 @@ predictions and the CUDA context the model adds outside reserved memory.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
 from detector import facts
-from detector.config import TrainConfig
+from detector.config import TrainConfig, parse_list
 from detector.errors import BatchError, UsageError
 from detector.train import batching
+
+log = logging.getLogger(__name__)
 
 
 def parse_gpu_sizes(text: str) -> tuple[float, ...]:
     """'8,16,24' to GPU memory sizes in GB (GiB, as the GPU reports them); anything not positive is refused."""
-    sizes = []
-    for item in str(text).split(","):
-        item = item.strip().lower().removesuffix("gb").strip()
-        try:
-            size = float(item)
-        except ValueError:
-            size = float("nan")
-        if not size > 0 or size == float("inf"):
-            raise UsageError(f"--gpu-memory takes GPU memory sizes in GB such as 8,16,24, not {text!r}")
-        sizes.append(size)
-    return tuple(sorted(set(sizes)))
+    return parse_list(text, "--gpu-memory", cast=float, minimum=1e-9, as_set=True, unit="GB",
+                      what="GPU memory sizes in GB", example="8,16,24")
 
 
 def check_counts(classes: int | None, boxes: int | None) -> None:
@@ -81,20 +75,20 @@ def _fits(decision, batch: int) -> bool:
     return any(r.per_device_batch == batch and r.fits for r in decision.table)
 
 
-def plan(config: TrainConfig, sizes, classes: int | None = None, boxes: int | None = None, echo=print) -> GpuPlan:
+def plan(config: TrainConfig, sizes, classes: int | None = None, boxes: int | None = None) -> GpuPlan:
     """Predict every candidate's memory and decide per GPU size, as --batch auto would on that GPU."""
     from detector.train import autobatch
 
     check_counts(classes, boxes)
-    names, n_images, densest, config, model = _dataset_facts(config, classes, boxes, echo)
+    names, n_images, densest, config, model = _dataset_facts(config, classes, boxes)
     opts = config.batch
     imgsz = facts.largest_training_imgsz(config.imgsz or 640, config.overrides)
     settings = autobatch.memory_settings(config, model, classes or len(names), imgsz, densest)
     if not n_images:
-        echo(f"--classes {classes} and --boxes-per-image {boxes} given: the dataset is not read")
-    echo(f"model {config.model} at imgsz {imgsz}, {settings.nc} classes, {settings.train_boxes} boxes per training "
-         f"image ({densest} on the densest image{', x4 for mosaic' if settings.train_boxes > densest else ''}), "
-         f"amp {settings.amp}, optimizer {settings.optimizer}: predicting {len(opts.candidates)} candidates...")
+        log.info(f"--classes {classes} and --boxes-per-image {boxes} given: the dataset is not read")
+    log.info(f"model {config.model} at imgsz {imgsz}, {settings.nc} classes, {settings.train_boxes} boxes per training "
+             f"image ({densest} on the densest image{', x4 for mosaic' if settings.train_boxes > densest else ''}), "
+             f"amp {settings.amp}, optimizer {settings.optimizer}: predicting {len(opts.candidates)} candidates...")
     started = time.perf_counter()
     predictions = autobatch.predict_candidates(settings, opts.candidates)
     seconds = time.perf_counter() - started
@@ -122,7 +116,7 @@ def decide_for_size(predictions, size: float, safety: float, candidates, n_image
         return str(e)
 
 
-def _dataset_facts(config: TrainConfig, classes, boxes, echo):
+def _dataset_facts(config: TrainConfig, classes, boxes):
     """Class names, training images and the densest image's boxes; the dataset is not read when both are given."""
     from detector.train import autobatch
     from detector.train.preflight import prepare
@@ -136,10 +130,10 @@ def _dataset_facts(config: TrainConfig, classes, boxes, echo):
         checks.check_overrides(config.overrides)
         model = checks.check_model(config.model)
         return [str(i) for i in range(classes)], 0, boxes, config, model
-    config, data, model = prepare(config, echo)
+    config, data, model = prepare(config)
     densest = boxes if boxes is not None else autobatch.densest_labels(data)
-    echo(f"dataset {data.yaml}: {data.train_images} training images, {len(data.names)} classes, "
-         f"densest image {densest} boxes")
+    log.info(f"dataset {data.yaml}: {data.train_images} training images, {len(data.names)} classes, "
+             f"densest image {densest} boxes")
     return list(data.names), data.train_images, densest, config, model
 
 

@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 
 from detector.errors import RunDirError
-from detector.record.reader import process_gone
+from detector.record.runs import process_gone
 
 LOCK_NAME = ".lock"
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from detector import runtime
 from detector.config import TrainConfig, check_options, with_builtin_defaults
-from detector.data import spec as datasets
+from detector.data import datasets
 from detector.data import synth
 
+log = logging.getLogger(__name__)
 
-def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.DatasetInfo, str]:
+
+def prepare(config: TrainConfig) -> tuple[TrainConfig, datasets.DatasetInfo, str]:
     """Check every option, the model and the dataset, as `train` does before creating a run folder.
 
     Returns the config with the built-in demo's defaults applied, the checked
@@ -22,37 +25,37 @@ def prepare(config: TrainConfig, echo=print) -> tuple[TrainConfig, datasets.Data
 
     # A cfg=FILE becomes plain KEY=VALUE arguments before the demo's defaults fill the gaps.
     config = with_builtin_defaults(replace(config, overrides=checks.expand_cfg(config.overrides)))
-    config = _stride_imgsz(config, echo)
+    config = _stride_imgsz(config)
 
     checks.check_overrides(config.overrides)
     from detector.weights import cache as weights_cache
 
-    source = weights_cache.resolve(config.model, config.download, echo)  # yolo11n.pt: cached, or fetched if asked
+    source = weights_cache.resolve(config.model, config.download)  # yolo11n.pt: cached, or fetched if asked
     if source is not None:
         config = replace(config, weights=source)  # run.json's config records path, URL and sha256
     model = checks.check_model(source["path"] if source else config.model)  # refused before the dataset is read
-    return config, dataset(config, echo), model
+    return config, dataset(config), model
 
 
-def _stride_imgsz(config: TrainConfig, echo) -> TrainConfig:
+def _stride_imgsz(config: TrainConfig) -> TrainConfig:
     """--imgsz as Ultralytics will train it (rounded up to the stride), said when it differs from what was asked."""
     from detector import facts
 
     if config.imgsz is None or config.imgsz == facts.stride_multiple(config.imgsz):
         return config
     used = facts.stride_multiple(config.imgsz)
-    echo(f"--imgsz {config.imgsz} is not a multiple of the model's stride {facts.STRIDE}: training at {used}")
+    log.info(f"--imgsz {config.imgsz} is not a multiple of the model's stride {facts.STRIDE}: training at {used}")
     return replace(config, imgsz=used, imgsz_requested=config.imgsz)
 
 
-def dataset(config: TrainConfig, echo) -> datasets.DatasetInfo:
+def dataset(config: TrainConfig) -> datasets.DatasetInfo:
     """The dataset, checked (cached by fingerprint): one with errors is refused before any run folder exists."""
     from detector.data import check
 
-    return check.require_trainable(_load_dataset(config, echo), echo)
+    return check.require_trainable(_load_dataset(config))
 
 
-def _load_dataset(config: TrainConfig, echo) -> datasets.DatasetInfo:
+def _load_dataset(config: TrainConfig) -> datasets.DatasetInfo:
     if config.data is not None:
         return datasets.load(config.data)
     spec = synth.SynthSpec(seed=0)
@@ -62,6 +65,6 @@ def _load_dataset(config: TrainConfig, echo) -> datasets.DatasetInfo:
         pct = done * 100 // total
         if pct >= shown[0] + 25 or done == total:
             shown[0] = pct
-            echo(f"  generating built-in dataset: {done}/{total} images")
+            log.info(f"  generating built-in dataset: {done}/{total} images")
 
     return datasets.load(synth.ensure(spec, runtime.datasets_cache(), progress))

@@ -7,6 +7,7 @@ command leaves nothing behind and overwrites nothing.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import os
 import platform
@@ -17,7 +18,7 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
-from detector.config import DEFAULT_CANDIDATES, TrainConfig, jsonable
+from detector.config import TrainConfig, jsonable
 from detector.errors import (DetectorError, DiskFull, RunDirError, TrainingInterrupted, UsageError,
                              is_disk_full)
 from detector.record import tensorboard
@@ -26,6 +27,8 @@ from detector.train import autobatch, stepdown
 from detector.train import resuming
 from detector.train.lock import RunLock, refuse_if_live
 from detector.train.preflight import prepare
+
+log = logging.getLogger(__name__)
 
 
 def _make_run_dir(project: Path, name: str | None) -> Path:
@@ -89,10 +92,13 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _supervise(recorder: Recorder, run_dir: Path, work) -> dict:
-    """Run work() and leave run.json completed, interrupted or failed whatever happens."""
+def _supervise(recorder: Recorder, run_dir: Path, with_tensorboard: bool, work) -> dict:
+    """Run work(), TensorBoard streamed alongside when asked, and leave run.json completed, interrupted or failed."""
+    stream = None
     try:
         with _SigtermAsInterrupt():
+            if with_tensorboard:  # inside the block, so a signal during its setup still marks the run
+                stream = tensorboard.live(recorder, run_dir)
             outcome = work()
     except KeyboardInterrupt:
         _finish(recorder, "interrupted")
@@ -106,28 +112,26 @@ def _supervise(recorder: Recorder, run_dir: Path, work) -> dict:
         _finish(recorder, "failed", error=str(e))
         raise
     except Exception as e:  # Ultralytics or PyTorch failed: keep the traceback in the run, say one line here
-        if is_disk_full(e):
-            where = getattr(e, "filename", None) or run_dir
-            message = f"disk full while writing {where}; free space and continue with --resume {run_dir}"
-            _finish(recorder, "failed", error=message)
-            raise DiskFull(message) from None
-        with contextlib.suppress(OSError):
-            (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        _finish(recorder, "failed", error=f"{type(e).__name__}: {first}")
-        raise DetectorError(f"training failed: {type(e).__name__}: {first} (traceback in {run_dir / 'error.log'})") from e
+        raise _failed(recorder, run_dir, e) from e
+    finally:  # interrupted or failed runs get their event files too, as far as they got
+        if with_tensorboard:
+            tensorboard.after_training(run_dir, stream)
     recorder.finish("completed")
     return outcome
 
 
-def _train(recorder: Recorder, run_dir: Path, with_tensorboard: bool, echo, work) -> dict:
-    """_supervise(work), with TensorBoard streamed live and rebuilt from the CSVs when asked for."""
-    stream = tensorboard.live(recorder, run_dir) if with_tensorboard else None
-    try:
-        return _supervise(recorder, run_dir, work)
-    finally:  # interrupted or failed runs get their event files too, as far as they got
-        if with_tensorboard:
-            tensorboard.after_training(run_dir, echo, stream)
+def _failed(recorder: Recorder, run_dir: Path, e: Exception) -> DetectorError:
+    """Record an unexpected failure in run.json (and its traceback in error.log); the one-line error to raise."""
+    if is_disk_full(e):
+        where = getattr(e, "filename", None) or run_dir
+        message = f"disk full while writing {where}; free space and continue with --resume {run_dir}"
+        _finish(recorder, "failed", error=message)
+        return DiskFull(message)
+    with contextlib.suppress(OSError):
+        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    _finish(recorder, "failed", error=f"{type(e).__name__}: {first}")
+    return DetectorError(f"training failed: {type(e).__name__}: {first} (traceback in {run_dir / 'error.log'})")
 
 
 def _finish(recorder: Recorder, status: str, error: str | None = None) -> None:
@@ -139,28 +143,28 @@ def _finish(recorder: Recorder, status: str, error: str | None = None) -> None:
             raise
 
 
-def run(config: TrainConfig, echo=print) -> Path:
+def run(config: TrainConfig) -> Path:
     """Train one run and return its folder."""
     if config.resume is not None:
-        return resume(config, echo)
+        return resume(config)
     if config.tensorboard:
         tensorboard.require()  # before any run folder exists
     from detector.augment import pipelines
 
     try:
-        config, data, model = prepare(config, echo)
+        config, data, model = prepare(config)
     except KeyboardInterrupt:  # Ctrl-C in the dataset check: nothing exists yet
         raise TrainingInterrupted("interrupted before training started; no run folder was created") from None
     pipeline = pipelines.resolve(config.augment, config.imgsz or 640)
     from detector.yolo import checks
 
     device = checks.device_info(config.device)
-    decision = autobatch.decide(config, data, device, echo)
+    decision = autobatch.decide(config, data, device)
     run_dir = _make_run_dir(config.project, config.name)
     lock = RunLock(run_dir).acquire()  # a resume of this folder waits until this process ends
     data_yaml = data.write_resolved(run_dir / "data.yaml")
-    echo(autobatch.describe(decision))
-    echo(f"augmentations {pipeline.describe()}")
+    log.info(autobatch.describe(decision))
+    log.info(f"augmentations {pipeline.describe()}")
     ul_args = {
         **config.overrides,
         "data": str(data_yaml), "model": model, "epochs": config.epochs or 100, "imgsz": config.imgsz or 640,
@@ -181,24 +185,24 @@ def run(config: TrainConfig, echo=print) -> Path:
     })
     started = time.time()
     try:
-        _train(recorder, run_dir, config.tensorboard, echo,
-               lambda: stepdown.train(ul_args, run_dir, recorder, config.batch.candidates, echo))
+        _supervise(recorder, run_dir, config.tensorboard,
+                   lambda: stepdown.fit(stepdown.Attempt(ul_args), run_dir, recorder, config.batch.candidates))
     finally:
         lock.release()
-    echo(f"run {run_dir} completed in {time.time() - started:.0f} s")
+    log.info(f"run {run_dir} completed in {time.time() - started:.0f} s")
     return run_dir
 
 
-def resume(config: TrainConfig, echo=print) -> Path:
+def resume(config: TrainConfig) -> Path:
     """Continue the run in config.resume from its last completed epoch (or only finish its final validation)."""
     run_dir = Path(config.resume).expanduser().resolve()
     if not (run_dir / "run.json").is_file():
         raise RunDirError(f"{run_dir} is not a detector run (no run.json); pass a folder under runs/")
     with RunLock(run_dir):  # released when the resume ends, or by the kernel when its process dies
-        return _resume(config, run_dir, echo)
+        return _resume(config, run_dir)
 
 
-def _resume(config: TrainConfig, run_dir: Path, echo) -> Path:
+def _resume(config: TrainConfig, run_dir: Path) -> Path:
     recorder = Recorder(run_dir)
     state = resuming.read_state(recorder, run_dir)
     refuse_if_live(run_dir, state)
@@ -223,37 +227,31 @@ def _resume(config: TrainConfig, run_dir: Path, echo) -> Path:
         ul_args["batch"] = config.batch.requested
     recorder.update(status="running", finished=None, error=None, pid=os.getpid(), host=platform.node(),
                     resumed=[*state.get("resumed", []), {"command": list(config.command) or sys.argv}])
-    candidates = tuple((state.get("config") or {}).get("batch_candidates") or DEFAULT_CANDIDATES)
-    work = lambda: stepdown.resume(last, ul_args, run_dir, recorder, candidates, echo)  # noqa: E731
+    candidates = TrainConfig.from_record(state.get("config") or {}).batch.candidates
+    work = lambda: stepdown.fit(stepdown.Attempt(ul_args, last), run_dir, recorder, candidates)  # noqa: E731
     if plan.note:
-        echo(plan.note)
+        log.info(plan.note)
         recorder.event("checkpoint_damaged", detail=plan.note)
     if plan.action == "final":  # every epoch ended: only the validation of best.pt is missing
         from detector.yolo import final
 
-        echo(f"resuming {run_dir}: every epoch ended, running the final validation of best.pt")
+        log.info(f"resuming {run_dir}: every epoch ended, running the final validation of best.pt")
         recorder.event("resumed", final_validation_only=True)
         work = lambda: final.final_validation(run_dir, recorder, config.device)  # noqa: E731
     else:
-        echo(f"resuming {run_dir} from {last}")
-    _train(recorder, run_dir, with_tensorboard, echo, work)
+        log.info(f"resuming {run_dir} from {last}")
+    _supervise(recorder, run_dir, with_tensorboard, work)
     return run_dir
 
 
-# Options a resume cannot change: Ultralytics restores them from last.pt (only device and batch may differ).
-_FIXED_ON_RESUME = {"data": "--data", "model": "--model", "epochs": "--epochs", "imgsz": "--imgsz",
-                    "workers": "--workers", "seed": "--seed", "name": "--name", "project": "--project",
-                    "overrides": "KEY=VALUE"}
+# What a resume may be given: Ultralytics restores every other option from last.pt (the pipeline is refused above).
+_FREE_ON_RESUME = ("resume", "device", "batch.requested", "augment", "tensorboard", "grad_stats", "download")
 
 
 def _refuse_resume_options(config: TrainConfig, run_dir: Path) -> None:
     """A resumed run continues with its own settings: say so instead of ignoring an option."""
-    defaults = TrainConfig()
-    changed = [flag for key, flag in _FIXED_ON_RESUME.items() if getattr(config, key) != getattr(defaults, key)]
-    if config.batch.candidates != defaults.batch.candidates:
-        changed.append("--batch-candidates")
-    if config.batch.safety != defaults.batch.safety:
-        changed.append("--batch-safety")
+    changed = config.to_argv(skip=_FREE_ON_RESUME)
     if changed:
-        raise UsageError(f"{changed[0]} cannot change a resumed run; {run_dir} continues with the settings in its "
+        flag = changed[0] if changed[0].startswith("--") else "KEY=VALUE"
+        raise UsageError(f"{flag} cannot change a resumed run; {run_dir} continues with the settings in its "
                          "run.json (only --device and --batch may be given with --resume)")

@@ -15,55 +15,60 @@ iterations.csv and epochs.csv stay consistent; run.json gets an
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from detector import facts
 from detector.errors import BatchError, DeviceOutOfMemory
 from detector.record.writer import Recorder
 from detector.train import batching
 
-
-def train(ul_args: dict, run_dir: Path, recorder: Recorder, candidates, echo=print) -> dict:
-    """Train ul_args with the record attached, stepping down on out-of-memory; returns the last attempt's outcome."""
-    from detector.yolo import trainer
-
-    return _fit(lambda: trainer.train(ul_args, recorder), ul_args, run_dir, recorder, candidates, echo)
+log = logging.getLogger(__name__)
 
 
-def resume(last: Path, ul_args: dict, run_dir: Path, recorder: Recorder, candidates, echo=print) -> dict:
-    """Continue from last.pt (a user's --resume), stepping down on out-of-memory."""
-    from detector.yolo import trainer
+@dataclass(frozen=True)
+class Attempt:
+    """One call into the trainer: a training from ul_args (which name the model), or a resume of checkpoint."""
 
-    return _fit(lambda: trainer.resume(last, ul_args, recorder), ul_args, run_dir, recorder, candidates, echo)
+    ul_args: dict
+    checkpoint: Path | None = None
+
+    def fit_once(self, recorder: Recorder) -> dict:
+        from detector.yolo import recording
+
+        if self.checkpoint is None:
+            return recording.train(self.ul_args, recorder)
+        return recording.resume(self.checkpoint, self.ul_args, recorder)
 
 
-def _fit(attempt: Callable[[], dict], ul_args: dict, run_dir: Path, recorder: Recorder, candidates, echo) -> dict:
-    from detector.yolo import trainer
-
-    last = run_dir / "weights" / "last.pt"
+def fit(attempt: Attempt, run_dir: Path, recorder: Recorder, candidates) -> dict:
+    """Fit attempt; after each out-of-memory error fit the next one at a smaller candidate, until one finishes."""
     while True:
         try:
-            return attempt()
+            return attempt.fit_once(recorder)
         except DeviceOutOfMemory as oom:
-            smaller = _next_batch(oom, candidates, run_dir)
-            failed = oom.batch
-            where = {"epoch": oom.epoch, "iteration": oom.iteration, "epoch_iteration": oom.epoch_iteration,
-                     "phase": oom.phase, "from_batch": oom.batch, "to_batch": smaller}
-        device = {"device": ul_args["device"]} if "device" in ul_args else {}
-        if last.is_file():  # the checkpoint of the last completed epoch
-            recorder.oom_step_down(**where, action=f"resumed from {last.relative_to(run_dir)}")
-            echo(f"out of memory at batch {failed} ({_at(where)}); resuming from the last completed epoch "
-                 f"at batch {smaller}")
-            attempt = lambda b=smaller: trainer.resume(last, {**device, "batch": b}, recorder)  # noqa: E731
-        elif "model" in ul_args:  # before the first epoch ended there is nothing to resume from
-            recorder.oom_step_down(**where, action="restarted from scratch (no checkpoint yet)")
-            echo(f"out of memory at batch {failed} ({_at(where)}); restarting at batch {smaller}")
-            ul_args = {**ul_args, "batch": smaller}
-            attempt = lambda a=ul_args: trainer.train(a, recorder)  # noqa: E731
-        else:
-            raise BatchError(f"out of memory at batch {failed} and {last} is gone, so the run cannot "
-                             f"continue; start a new run with --batch {smaller}")
+            attempt = _after_oom(oom, attempt, run_dir, recorder, candidates)
+
+
+def _after_oom(oom: DeviceOutOfMemory, failed: Attempt, run_dir: Path, recorder: Recorder, candidates) -> Attempt:
+    """The attempt that continues after oom at the next smaller candidate, recorded as an oom_step_down event."""
+    smaller = _next_batch(oom, candidates, run_dir)
+    where = {"epoch": oom.epoch, "iteration": oom.iteration, "epoch_iteration": oom.epoch_iteration,
+             "phase": oom.phase, "from_batch": oom.batch, "to_batch": smaller}
+    last = run_dir / "weights" / "last.pt"
+    if last.is_file():  # the checkpoint of the last completed epoch
+        recorder.oom_step_down(**where, action=f"resumed from {last.relative_to(run_dir)}")
+        log.info(f"out of memory at batch {oom.batch} ({_at(where)}); resuming from the last completed epoch "
+                     f"at batch {smaller}")
+        device = {"device": failed.ul_args["device"]} if "device" in failed.ul_args else {}
+        return Attempt({**device, "batch": smaller}, last)
+    if "model" in failed.ul_args:  # before the first epoch ended there is nothing to resume from
+        recorder.oom_step_down(**where, action="restarted from scratch (no checkpoint yet)")
+        log.info(f"out of memory at batch {oom.batch} ({_at(where)}); restarting at batch {smaller}")
+        return Attempt({**failed.ul_args, "batch": smaller})
+    raise BatchError(f"out of memory at batch {oom.batch} and {last} is gone, so the run cannot "
+                     f"continue; start a new run with --batch {smaller}")
 
 
 def _next_batch(oom: DeviceOutOfMemory, candidates: tuple, run_dir: Path) -> int:

@@ -15,6 +15,7 @@ Two semantics (see the design notes, "Batch semantics"):
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import shutil
@@ -23,17 +24,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from detector import facts
-from detector.config import BUILTIN_OVERRIDES, TrainConfig, jsonable
+from detector.config import BUILTIN_OVERRIDES, SWEEP_OPTIONS, TrainConfig, jsonable, parse_list
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.record.writer import Recorder, now_iso, write_json_atomic
-from detector.report import render as report
+from detector.report import render
 from detector.report.analysis import REFERENCE_BATCH
 from detector.train import run as train
+
+log = logging.getLogger(__name__)
 
 SEMANTICS = ("accumulate", "true")
 LR_RULES = ("linear", "sqrt", "none")
 ADAM_TYPES = frozenset({"adam", "adamw", "adamax", "nadam", "radam"})
 SWEEP_JSON = "sweep.json"
+# What makes each run of a sweep: the options it shares, and the batch and seed the sweep sets per run.
+RUN_OPTIONS = (*SWEEP_OPTIONS, "batch.requested", "seed")
 
 
 @dataclass(frozen=True)
@@ -60,16 +65,8 @@ class PlannedRun:
 
 
 def parse_ints(text: str, option: str, minimum: int = 0) -> tuple[int, ...]:
-    """'16,32,64' to (16, 32, 64); duplicates, blanks and values below minimum are usage errors."""
-    try:
-        values = tuple(int(x) for x in str(text).split(","))
-    except ValueError:
-        raise UsageError(f"{option} takes integers separated by commas (e.g. 16,32,64), not {text!r}") from None
-    if any(v < minimum for v in values):
-        raise UsageError(f"{option} values must be at least {minimum}, not {text!r}")
-    if len(set(values)) != len(values):
-        raise UsageError(f"{option} lists a value twice: {text!r}")
-    return values
+    """'16,32,64' to (16, 32, 64) in that order (the order the runs train in); a repeat is refused."""
+    return parse_list(text, option, minimum=minimum)
 
 
 def lr_factor(batch: int, rule: str) -> float:
@@ -170,26 +167,25 @@ def _state(run_dir: Path) -> str:
     return "resume" if (run_dir / "weights" / "last.pt").is_file() else "restart"
 
 
-def _train_one(config: SweepConfig, folder: Path, p: PlannedRun, echo) -> None:
+def _train_one(config: SweepConfig, folder: Path, p: PlannedRun) -> None:
     run_dir = folder / p.name
     state = _state(run_dir)
     if state == "completed":
-        echo(f"{p.name}: already completed, skipped")
+        log.info(f"{p.name}: already completed, skipped")
         return
     if state == "resume":
-        echo(f"{p.name}: unfinished, resuming from its last completed epoch")
-        train.run(TrainConfig(resume=run_dir, device=config.template.device, command=config.template.command),
-                  echo=echo)
+        log.info(f"{p.name}: unfinished, resuming from its last completed epoch")
+        train.run(TrainConfig(resume=run_dir, device=config.template.device, command=config.template.command))
         return
     if state == "restart":  # stopped before its first epoch ended: no weights or mAP to keep
-        echo(f"{p.name}: stopped before its first epoch ended, starting it again")
+        log.info(f"{p.name}: stopped before its first epoch ended, starting it again")
         shutil.rmtree(run_dir)
     cfg = replace(config.template, batch=replace(config.template.batch, requested=p.batch), seed=p.seed, name=p.name, project=folder,
                   overrides={**config.template.overrides, **p.overrides}, sweep=p.record)
-    train.run(cfg, echo=echo)
+    train.run(cfg)
 
 
-def run(config: SweepConfig, echo=print) -> Path:
+def run(config: SweepConfig) -> Path:
     """Train every run of the sweep that is not finished, then write the comparison; return report.html."""
     planned = plan(config)
     from detector.yolo import checks
@@ -198,10 +194,10 @@ def run(config: SweepConfig, echo=print) -> Path:
     folder = open_sweep(config)
     started, failures = time.time(), []
     for i, p in enumerate(planned, 1):
-        echo(f"[{i}/{len(planned)}] {p.name}: batch {p.batch}, seed {p.seed}, " +
-             ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.overrides.items()))
+        log.info(f"[{i}/{len(planned)}] {p.name}: batch {p.batch}, seed {p.seed}, " +
+                 ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.overrides.items()))
         try:
-            _train_one(config, folder, p, echo)
+            _train_one(config, folder, p)
         except TrainingInterrupted:
             raise TrainingInterrupted(f"sweep interrupted during {p.name}; run the same command again to continue "
                                       "(completed runs are skipped, unfinished ones resumed)") from None
@@ -209,10 +205,10 @@ def run(config: SweepConfig, echo=print) -> Path:
             if not (folder / p.name / "run.json").is_file():
                 raise  # a problem with the options or data: every run would fail the same way
             failures.append(f"{p.name}: {e}")
-            echo(f"{p.name} failed: {e}")
-    echo(f"sweep trained for {(time.time() - started) / 60:.1f} min; writing the comparison")
+            log.info(f"{p.name} failed: {e}")
+    log.info(f"sweep trained for {(time.time() - started) / 60:.1f} min; writing the comparison")
     existing = [folder / p.name for p in planned if (folder / p.name / "run.json").is_file()]
-    html = report.compare(existing, folder)
+    html = render.compare(existing, folder)
     if failures:
         raise DetectorError(f"{len(failures)} run(s) of the sweep failed ({'; '.join(failures)}); the report "
                             f"{html} shows what finished; run the same command again to retry them")

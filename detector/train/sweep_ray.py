@@ -11,19 +11,22 @@ Ray is imported only here and only when this backend is chosen.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from detector.config import TrainConfig
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.record.writer import Recorder, now_iso
-from detector.report import render as report
+from detector.report import render
 from detector.train import attempts, sweep
 from detector.train.sweep import PlannedRun, SweepConfig
+
+log = logging.getLogger(__name__)
 
 RAY_VERSION = "2.60.0"  # the version the tests ran against; pyproject's `ray` extra pins it
 INSTALL_HINT = f"--backend ray needs Ray: pip install 'detector[ray]' (Ray {RAY_VERSION})"
@@ -155,38 +158,18 @@ def _absolute(value):
     return str(path.resolve()) if path.exists() else str(value)
 
 
-def _value(v) -> str:
-    """A KEY=VALUE value that detector train's YAML parsing reads back as v."""
-    import json
-
-    import yaml
-
-    if isinstance(v, str):
-        try:
-            same = yaml.safe_load(v) == v
-        except yaml.YAMLError:
-            same = False
-        return v if same else json.dumps(v)
-    return json.dumps(v)
-
-
 def spec_for(config: SweepConfig, folder: Path, p: PlannedRun, gpus: float = 0) -> attempts.RunSpec:
     """The `detector train` options that make run p, as the local backend's TrainConfig would have them."""
     t: TrainConfig = config.template
     # Ray leaves CUDA_VISIBLE_DEVICES alone for a task without GPUs: without --device it would take GPU 0.
     device = t.device if t.device is not None or gpus else "cpu"
-    args = ["--model", _absolute(t.model), "--batch", str(p.batch), "--seed", str(p.seed), "--workers", str(t.workers)]
-    for flag, value in (("--data", _absolute(t.data)), ("--epochs", t.epochs), ("--imgsz", t.imgsz),
-                        ("--device", device), ("--augment", _absolute(t.augment))):
-        if value is not None:
-            args += [flag, str(value)]
-    if not getattr(t, "grad_stats", True):
-        args.append("--no-grad-stats")
-    args += [f"{k}={_value(v)}" for k, v in {**t.overrides, **p.overrides}.items()]
+    run = replace(t, data=_absolute(t.data), model=_absolute(t.model), augment=_absolute(t.augment), device=device,
+                  batch=replace(t.batch, requested=p.batch), seed=p.seed, overrides={**t.overrides, **p.overrides})
+    args = run.to_argv(only=sweep.RUN_OPTIONS)
     return attempts.RunSpec(folder=str(folder), name=p.name, args=tuple(args), device=device, sweep=p.record)
 
 
-def run(config: SweepConfig, options: RayOptions, echo=print) -> Path:
+def run(config: SweepConfig, options: RayOptions) -> Path:
     """Train every unfinished run of the sweep on Ray, then write the comparison; return report.html."""
     options.check()
     ray = import_ray(options)
@@ -200,38 +183,38 @@ def run(config: SweepConfig, options: RayOptions, echo=print) -> Path:
     todo = [p for p in planned if not attempts.is_completed(folder / p.name)]
     for p in planned:
         if p not in todo:
-            echo(f"{p.name}: already completed, skipped")
+            log.info(f"{p.name}: already completed, skipped")
     failures = []
     if todo:
         started = time.time()
         _connect(ray, options)
         try:
-            failures = _train_all(ray, options, config, folder, todo, echo)
+            failures = _train_all(ray, options, config, folder, todo)
         finally:
             ray.shutdown()
-        echo(f"sweep trained for {(time.time() - started) / 60:.1f} min; writing the comparison")
+        log.info(f"sweep trained for {(time.time() - started) / 60:.1f} min; writing the comparison")
     existing = [folder / p.name for p in planned if (folder / p.name / "run.json").is_file()]
     if not existing:
         raise DetectorError(f"no run of the sweep finished ({'; '.join(failures)})")
-    html = report.compare(existing, folder)
+    html = render.compare(existing, folder)
     if failures:
         raise DetectorError(f"{len(failures)} run(s) of the sweep failed ({'; '.join(failures)}); the report "
                             f"{html} shows what finished; run the same command again to retry them")
     return html
 
 
-def _train_all(ray, options: RayOptions, config: SweepConfig, folder: Path, todo: list, echo) -> list[str]:
+def _train_all(ray, options: RayOptions, config: SweepConfig, folder: Path, todo: list) -> list[str]:
     """Check the storage, submit one task per run, follow them; return one line per failed run."""
     need = resources(ray, options)
     data = Path(_absolute(config.template.data)) if config.template.data is not None else None
     nodes = check_storage(ray, folder, data)
-    echo(f"Ray: {nodes} node(s) see {folder}; {len(todo)} run(s) to train, each with {need['num_gpus']:g} GPU(s) "
-         f"and {need['num_cpus']:g} CPU(s)")
+    log.info(f"Ray: {nodes} node(s) see {folder}; {len(todo)} run(s) to train, each with {need['num_gpus']:g} GPU(s) "
+             f"and {need['num_cpus']:g} CPU(s)")
     task = ray.remote(run_on_node).options(**need, max_retries=options.max_retries, retry_exceptions=False)
     since = time.time()
     refs = {task.remote(spec_for(config, folder, p, need["num_gpus"])): p.name for p in todo}
     try:
-        return _follow(ray, refs, folder, since, echo)
+        return _follow(ray, refs, folder, since)
     except KeyboardInterrupt:
         stopped = _cancel(ray, refs, folder, since)
         raise TrainingInterrupted(f"sweep interrupted; {len(stopped)} run(s) stopped and marked interrupted "
@@ -239,7 +222,7 @@ def _train_all(ray, options: RayOptions, config: SweepConfig, folder: Path, todo
                                   "continue (completed runs are skipped, unfinished ones resumed)") from None
 
 
-def _follow(ray, refs: dict, folder: Path, since: float, echo) -> list[str]:
+def _follow(ray, refs: dict, folder: Path, since: float) -> list[str]:
     """Wait for every task, printing a progress line whenever it changes; return the failures."""
     pending, done, failures, shown = list(refs), [], [], ""
     while pending:
@@ -248,13 +231,13 @@ def _follow(ray, refs: dict, folder: Path, since: float, echo) -> list[str]:
             result = _result(ray, ref, refs[ref])
             done.append(result["name"])
             if result["status"] in ("completed", "skipped"):
-                echo(f"{result['name']}: {result['status']}")
+                log.info(f"{result['name']}: {result['status']}")
             else:
                 failures.append(f"{result['name']} {result['status']}: {result.get('error', '')}")
-                echo(f"{result['name']} {result['status']}: {result.get('error', '')}")
+                log.info(f"{result['name']} {result['status']}: {result.get('error', '')}")
         line = progress_line([refs[r] for r in pending], len(done) - len(failures), len(failures), folder, since)
         if line != shown:
-            echo(line)
+            log.info(line)
             shown = line
     return failures
 

@@ -10,6 +10,7 @@ file a NAME.json says where it came from, so run.json can record its URL.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from detector import runtime
 from detector.weights.fetch import ProgressBar, WeightsError, download
+
+log = logging.getLogger(__name__)
 
 # Where Ultralytics 8.4 publishes its weights (ultralytics.utils.downloads.attempt_download_asset).
 ULTRALYTICS_ASSETS = "https://github.com/ultralytics/assets/releases/download/v8.4.0"
@@ -66,11 +69,11 @@ def origin(path: Path) -> dict:
         return {}
 
 
-def fetch(name: str, echo=print, progress=None) -> dict:
+def fetch(name: str, progress=None) -> dict:
     """Download NAME into the cache (replacing nothing until complete); return its source record."""
     _check_name(name)
     url = f"{base_url()}/{name}"
-    echo(f"Downloading {name} from {url} into {cache_dir()}")
+    log.info(f"Downloading {name} from {url} into {cache_dir()}")
     got = download(url, cache_dir() / name, progress or ProgressBar(name))
     record = {"name": name, "url": got.url, "size": got.size, "sha256": got.sha256,
               "fetched": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -87,7 +90,7 @@ def _check_name(name: str) -> None:
         raise WeightsError(f"{name} is not a detection model; detector trains detectors (e.g. yolo11n.pt)")
 
 
-def resolve(model: str, download_flag: bool = False, echo=print) -> dict | None:
+def resolve(model: str, download_flag: bool = False) -> dict | None:
     """The starting weights' record {name, path, url, sha256, size, downloaded} for a .pt model; None for a YAML.
 
     An asset name comes from the cache, or is downloaded when allowed; a local
@@ -110,15 +113,15 @@ def resolve(model: str, download_flag: bool = False, echo=print) -> dict | None:
     if not download_allowed(download_flag):
         raise WeightsError(f"{model} is not in the weights cache {cache_dir()}; fetch it once with --download "
                            f"(or DETECTOR_DOWNLOAD=1, or 'detector weights fetch {model}'), or copy it there")
-    return fetch(model, echo)
+    return fetch(model)
 
 
-def fetch_once(name: str, force: bool = False, echo=print) -> dict:
+def fetch_once(name: str, force: bool = False) -> dict:
     """`detector weights fetch`: the cached record, or a download when missing (or forced)."""
     _check_name(name)
     if not force and (cache_dir() / name).is_file():
         return resolve(name)
-    return fetch(name, echo)
+    return fetch(name)
 
 
 def listing() -> list[dict]:

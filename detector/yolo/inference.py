@@ -17,7 +17,7 @@ from ultralytics import YOLO
 from detector.errors import ExportError, ModelError
 
 
-# --- Export, parity and predict (issue 6: detector export / detector predict) ----------------------------------------
+# --- Export, parity and predict ----------------------------------------------------------------------------------------
 
 
 

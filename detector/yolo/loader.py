@@ -14,7 +14,7 @@ from ultralytics.utils import LOGGER, RANK
 from detector.errors import AugmentError
 from detector.yolo import fastload
 
-# -- Albumentations pipelines and the training loader (issue 4: detector/augment.py, preview, bench) -------------------
+# -- Albumentations pipelines and the training loader ------------------------------------------------------------------
 
 def default_albumentations() -> list[dict]:
     """Ultralytics' own default Albumentations set, in A.to_dict form (what the `ultralytics` preset must equal)."""

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from detector import facts
+from detector.config import DEFAULT_MODEL
 from detector.errors import ModelError, UsageError
 from detector.yolo import fakerun
 from detector.yolo.allocator import CachingAllocator
@@ -44,7 +45,7 @@ _PHASES = {"weights": "weights", "ema": "weights", "batch": "activations", "forw
 class MemorySettings:
     """What the memory of a training depends on besides the batch."""
 
-    model: str = "yolo11n.yaml"
+    model: str = DEFAULT_MODEL
     nc: int = 80
     imgsz: int = 640
     amp: str = "on"  # "on" (fp16), "bf16" or "off"

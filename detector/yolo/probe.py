@@ -8,7 +8,7 @@ from ultralytics.cfg import DEFAULT_CFG
 from detector import facts
 from detector.errors import UsageError
 from detector.yolo.hermetic import offline_check_amp
-from detector.yolo.trainer import is_out_of_memory, release_device_memory
+from detector.yolo.recording import is_out_of_memory, release_device_memory
 
 
 def cuda_devices(device: str | None) -> list[dict]:

@@ -1,4 +1,4 @@
-"""detector's training loader: Ultralytics' augmentation distribution at a lower cost per image (issue 16).
+"""detector's training loader: Ultralytics' augmentation distribution at a lower cost per image.
 
 - geometry: mosaic layout, random affine and box filtering, drawn exactly as Ultralytics draws them
 - pipeline: FastTrainPipeline, the per-sample work (tiles resized straight into the output, HSV, flips, format)

@@ -1,4 +1,4 @@
-"""Reads a run folder back: run.json, iterations.csv and epochs.csv (the read side of recorder.py).
+"""Reads a run folder back: run.json, iterations.csv and epochs.csv (the read side of record.writer).
 
 A run may be read while it trains or after it was killed: a last CSV line cut
 short is dropped, a run still `running` (or with no rows yet) is read as far as

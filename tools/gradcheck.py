@@ -1,9 +1,11 @@
 """The gradient noise scale at fixed weights, exhaustively and through the training-time meter.
 
-Used by tools/bench_gradnoise.py and the tests to check detector.yolo.gradstats. At
-fixed weights it runs every batch of the training loader (several shuffled passes,
-augmented as in training, BatchNorm in train mode, the trainer's own loss) and
-computes:
+Used by tools/bench_gradnoise.py only, to set detector.yolo.gradstats' estimates beside
+an exhaustive reference on a real YOLO (no test runs it: it takes minutes;
+tests/test_gradnoise.py checks the meter against exact per-example gradients of a
+small linear model instead). At fixed weights it runs every batch of the training
+loader (several shuffled passes, augmented as in training, BatchNorm in train mode,
+the trainer's own loss) and computes:
 
 - the exhaustive value: the full-data gradient G as the mean of all batch gradients
   (each pass partitions the training set) and tr(Σ) from the spread of the batch

@@ -111,15 +111,15 @@ def train(overrides: dict, recorder: Recorder, trainer_cls: type = RecordingTrai
     """Train with the record attached; return what the trainer ended with.
 
     A device out-of-memory error that escapes Ultralytics is raised as DeviceOutOfMemory
-    (see _fit), so the caller can step the batch down and resume. trainer_cls is the
+    (see _fit_once), so the caller can step the batch down and resume. trainer_cls is the
     seam where tests put a RecordingTrainer subclass that fails like a full GPU.
     """
-    return _fit(overrides["model"], recorder, trainer_cls, **overrides)
+    return _fit_once(overrides["model"], recorder, trainer_cls, **overrides)
 
 
 def resume(last_pt: Path, overrides: dict, recorder: Recorder) -> dict:
     """Continue a run from its last.pt, appending to the same record."""
-    return _fit(str(last_pt), recorder, RecordingTrainer, resume=str(last_pt), **overrides)
+    return _fit_once(str(last_pt), recorder, RecordingTrainer, resume=str(last_pt), **overrides)
 
 
 def _outcome(trainer) -> dict:
@@ -139,7 +139,7 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _fit(spec: str, recorder: Recorder, trainer_cls: type, **train_args) -> dict:
+def _fit_once(spec: str, recorder: Recorder, trainer_cls: type, **train_args) -> dict:
     """YOLO(spec).train(**train_args); an out-of-memory error leaves as DeviceOutOfMemory, memory freed first."""
     # `loader` is detector's key, not Ultralytics': taken out here; a resume or step-down keeps the recorded one
     loader = fastload.check_loader(train_args.pop("loader", None) or recorder.read().get("loader")
