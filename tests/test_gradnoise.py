@@ -67,61 +67,148 @@ def test_estimator_edge_cases():
     assert empty.b_simple is None and empty.g2 is None
 
 
+def _groups(rng, steps: int, G_value: float):
+    """NoiseAverage of accumulation steps (4 micro-batches of 8) around a true gradient of G_value per coordinate."""
+    avg = gradnoise.NoiseAverage()
+    for _ in range(steps):
+        micro = [np.full(50, G_value) + rng.normal(size=(8, 50)).mean(0) * np.sqrt(10.0) for _ in range(4)]
+        big = np.mean(micro, axis=0)
+        avg.add_group([(float(g @ g), 8) for g in micro], float(big @ big), 32)
+    return avg
+
+
+def test_bounded_interval_holds_the_true_noise_scale():
+    avg = _groups(np.random.default_rng(1), 100, 0.5)  # true B_simple = 500 / 12.5 = 40
+    low, high = avg.interval()
+    assert high is not None and low < 40 < high and low < avg.b_simple < high
+    assert high / low < 2  # 100 steps resolve it
+    assert avg.interval() == (low, high)  # deterministic: the same steps give the same interval
+    assert gradnoise.NoiseAverage(avg.groups[:3]).interval() == (None, None)  # too few steps: no interval
+
+
+def test_unbounded_interval_when_noise_dominates():
+    avg = _groups(np.random.default_rng(2), 30, 0.02)  # true B_simple = 500 / 0.02 = 25,000 against B = 32
+    low, high = avg.interval()
+    assert high is None and low is not None and low >= 0  # empty high: unbounded, the noise hides |G|²
+
+
+def test_prediction_arithmetic():
+    """S/S_min = 1 + B_noise/B and E/E_min = 1 + B/B_noise, relative to the smallest candidate, over the interval."""
+    assert gradnoise.steps_ratio(32, 16, 16) == pytest.approx(1.5 / 2)
+    assert gradnoise.images_ratio(32, 16, 16) == pytest.approx(48 / 32)
+    assert gradnoise.steps_ratio(64, 16, None) == 0.25 and gradnoise.images_ratio(64, 16, None) == 1.0
+    pred = gradnoise.predict(32, 16, 16, low=8, high=None)
+    assert pred["steps"] == (pytest.approx(0.75), pytest.approx(0.5), pytest.approx(1.25 / 1.5))
+    assert pred["images"] == (pytest.approx(1.5), pytest.approx(1.0), pytest.approx(40 / 24))
+    same = gradnoise.predict(16, 16, 100, low=50, high=200)
+    assert same == {"steps": (1.0, 1.0, 1.0), "images": (1.0, 1.0, 1.0)}
+
+
 # ---- the meter against exact per-example gradients -----------------------------------------------------------
 
 class _Linear(torch.nn.Module):
-    """Least squares with Ultralytics' loss scale: the batch's mean loss times the batch size."""
+    """Least squares called as Ultralytics' model is: model(batch) -> (loss x batch size, loss items)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(dim))
 
-    def loss(self, x, y):
-        return ((x @ self.w - y) ** 2).mean() * len(y)
+    def forward(self, batch):
+        return self.loss(batch)
+
+    def loss(self, batch, preds=None):
+        x, y = batch["img"], batch["target"]
+        mse = ((x @ self.w - y) ** 2).mean()
+        return (mse * len(y)).reshape(1), {"mse": mse.detach()}
 
 
-def _exact(model, x, y) -> float:
-    """B_simple from every example's own gradient: tr(Σ) / |G|², exactly."""
+def _exact(model, x, y) -> tuple[float, float]:
+    """|G|² and tr(Σ) at the current weights from every example's own gradient, exactly."""
     g = 2 * (x @ model.w.detach() - y)[:, None] * x  # per-example gradients of (w·x − y)²
     G = g.mean(0)
-    return float(((g - G) ** 2).sum(1).mean() / (G @ G))
+    return float(G @ G), float(((g - G) ** 2).sum(1).mean())
 
 
-@pytest.mark.parametrize("accumulate", [1, 4])
-def test_meter_agrees_with_exact_per_example_noise_scale(accumulate):
-    """The real GradNoise listener, fed as the trainer feeds it, on a model whose per-example gradients are exact."""
+def _train_linear(accumulate: int, steps: int = 500, lr: float = 0.3, b: int = 16):
+    """SGD on the linear model with the real GradNoise fed as the trainer feeds it; (epoch extras, exact, items).
+
+    The weights move at every step (lr 0.3 against a curvature of 2: the gradient turns between
+    steps), so a meter pairing consecutive steps is biased (it finds no |G|² at all here); the
+    exact target is the ratio of the mean exact tr(Σ) and |G|² at the weights of each step.
+    """
     from detector.yolo.callbacks import Progress
     from detector.yolo.gradstats import GradNoise
 
     gen = torch.Generator().manual_seed(0)
-    n, dim, b = 4000, 20, 16
+    n, dim = 4000, 20
     x = torch.randn(n, dim, generator=gen)
-    y = x @ torch.full((dim,), 0.3) + 0.5 + torch.randn(n, generator=gen)  # the offset keeps |G|² well above 0
+    y = x @ torch.full((dim,), 0.3) + 0.5 + torch.randn(n, generator=gen)
     model = _Linear(dim)
-    exact = _exact(model, x, y)
-    scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 1024.0)  # AMP: grads arrive scaled
-    trainer = SimpleNamespace(model=model, world_size=1, scaler=scaler, epoch=0)
+    scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 1024.0, scale=lambda t: t * 1024.0)  # AMP
+    trainer = SimpleNamespace(model=model, world_size=1, scaler=scaler, epoch=0, accumulate=accumulate)
     meter = GradNoise(Progress())
     meter.on_pretrain_routine_end(trainer)
     meter.on_train_epoch_start(trainer)
-    norms = []
-    for _ in range(3):  # passes at fixed weights: no optimizer step changes w
+    g2s, traces, items, norms, j = [], [], [], [], 0
+    while len(g2s) < steps:
         order = torch.randperm(n, generator=gen)
-        for j, start in enumerate(range(0, n, b), 1):
+        for start in range(0, n - b + 1, b):
+            j += 1
             idx = order[start:start + b]
-            (model.loss(x[idx], y[idx]) * 1024.0).backward()
-            meter.p.batch_size = len(idx)
+            meter.p.batch_size = b
+            exact = _exact(model, x, y) if j % accumulate == 1 or accumulate == 1 else exact
+            loss, item = model({"img": x[idx], "target": y[idx]})  # accumulate 1: the meter splits it in halves
+            items.append((float(item["mse"]), float(((x[idx] @ model.w.detach() - y[idx]) ** 2).mean())))
+            scaler.scale(loss.sum()).backward()
             if j % accumulate == 0:
                 meter.before_step(trainer)
-                model.w.grad = None  # optimizer.zero_grad()
+                with torch.no_grad():
+                    model.w -= lr * model.w.grad / scaler.get_scale() / (b * accumulate)
+                model.w.grad = None
+                g2s.append(exact[0])
+                traces.append(exact[1])
             meter.on_train_batch_end(trainer)
             norms.append(meter.p.iteration_extra["grad_norm"])
+            if len(g2s) == steps:
+                break
     meter.on_fit_epoch_end(SimpleNamespace())
-    estimate = meter.p.epoch_extra["grad_noise_scale"]
-    assert 5 < exact < 200, exact  # a regime the two-batch estimate can resolve: B_simple within 2-10x of b
-    assert 0.5 <= estimate / exact <= 2, (estimate, exact)
-    assert estimate == pytest.approx(exact, rel=0.3)
+    return meter.p.epoch_extra, sum(traces) / sum(g2s), items, norms
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_meter_agrees_with_exact_noise_scale_while_weights_move(accumulate):
+    """Accumulate 4: micro-batches against their step; accumulate 1: the batch's halves against it, same weights."""
+    extra, exact, items, norms = _train_linear(accumulate)
+    estimate, low, high = (extra[k] for k in ("grad_noise_scale", "grad_noise_scale_low", "grad_noise_scale_high"))
+    assert 10 < exact < 300, exact  # a regime the two-batch estimate can resolve
+    assert high is not None and low <= exact <= high, (low, estimate, high, exact)  # the 90% interval holds it
+    assert estimate == pytest.approx(exact, rel=0.15)
     assert all(v is not None and v > 0 for v in norms)
+    # the trainer still logs the whole batch's loss (the halves' image-weighted mean)
+    assert [a for a, _ in items] == pytest.approx([c for _, c in items], rel=1e-5)
+
+
+def test_pairing_consecutive_steps_would_fail_the_same_check():
+    """The estimator the split replaced, on the same moving weights: consecutive steps as the large batch."""
+    gen = torch.Generator().manual_seed(0)
+    n, dim, b = 4000, 20, 16
+    x = torch.randn(n, dim, generator=gen)
+    y = x @ torch.full((dim,), 0.3) + 0.5 + torch.randn(n, generator=gen)
+    model, avg, prev, g2s, traces = _Linear(dim), gradnoise.NoiseAverage(), None, [], []
+    for _ in range(500):
+        idx = torch.randint(0, n, (b,), generator=gen)
+        g = (2 * (x[idx] @ model.w.detach() - y[idx])[:, None] * x[idx]).mean(0)
+        g2, trace = _exact(model, x, y)
+        g2s.append(g2)
+        traces.append(trace)
+        if prev is not None:
+            big = (prev + g) / 2
+            avg.add_group([(float(prev @ prev), b), (float(g @ g), b)], float(big @ big), 2 * b)
+        prev = g
+        with torch.no_grad():
+            model.w -= 0.3 * g
+    exact = sum(traces) / sum(g2s)
+    assert avg.b_simple is None or not 0.5 < avg.b_simple / exact < 2, (avg.b_simple, exact)
 
 
 def test_training_records_gradient_columns(tiny_run):
@@ -135,6 +222,7 @@ def test_training_records_gradient_columns(tiny_run):
     # 3 iterations per epoch; the warm-up ramps accumulate up, so epoch 2 ends an accumulated step (epoch 1 may not).
     done = [e for e in epochs if e["grad_trace_sigma"]]
     assert done and epochs[-1] in done
+    assert {"grad_noise_scale_low", "grad_noise_scale_high"} <= set(epochs[0])  # 3 steps: too few for an interval
     for e in done:
         assert math.isfinite(float(e["grad_norm_sq"])) and float(e["grad_trace_sigma"]) > 0
         if float(e["grad_norm_sq"]) > 0:

@@ -26,7 +26,7 @@ ITERATION_HEAD = ["epoch", "iteration", "epoch_iteration", "batch_size", "images
 ITERATION_TAIL = ["loss", "lr", "time_s", "iter_time_s", "data_time_s", "gpu_mem_gb", "grad_norm"]
 EPOCH_METRICS = ["precision", "recall", "map50", "map50_95"]
 EPOCH_TAIL = ["lr", "epoch_time_s", "images_per_s", "peak_gpu_mem_gb", "grad_noise_scale", "grad_norm_sq",
-              "grad_trace_sigma"]
+              "grad_trace_sigma", "grad_noise_scale_low", "grad_noise_scale_high"]
 
 
 def now_iso() -> str:
