@@ -115,7 +115,10 @@ def _read(spec) -> tuple[str, dict]:
 
 
 def _parse(path: Path, shown: str) -> dict:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AugmentError(f"{shown} is not a text file: an A.save pipeline is YAML or JSON") from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:

@@ -11,12 +11,23 @@ import glob
 import os
 from pathlib import Path
 
+from detector import paths
 from detector.data.datasets import IMAGE_SUFFIXES
 from detector.errors import ImageError
 
 
+# OpenCV's own decode limit (CV_IO_MAX_IMAGE_PIXELS, 2**30): larger images are refused before decoding.
+MAX_IMAGE_PIXELS = 1 << 30
+
+
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _checked(files: list[Path]) -> list[Path]:
+    for f in files:  # OpenCV crashes on names that are not UTF-8; say which file instead
+        paths.require_utf8(f, ImageError, "image file")
+    return files
 
 
 def resolve(source: str | Path) -> list[Path]:
@@ -26,28 +37,53 @@ def resolve(source: str | Path) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if _is_image(f))
         if not files:
-            raise ImageError(f"folder {p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return files
+            raise ImageError(f"folder {paths.shown(p)} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return _checked(files)
     if p.is_file():
         if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ImageError(f"{p} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
-        return [p]
+            raise ImageError(f"{paths.shown(p)} is not an image file (expected one of "
+                             f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+        return _checked([p])
     if glob.has_magic(text):
         files = sorted(Path(f) for f in glob.glob(os.path.expanduser(text), recursive=True) if _is_image(Path(f)))
         if not files:
-            raise ImageError(f"no images match {text!r}")
-        return files
-    raise ImageError(f"{p} does not exist; give an image, a folder of images or a quoted glob such as 'imgs/*.jpg'")
+            raise ImageError(f"no images match {paths.shown(text)!r}")
+        return _checked(files)
+    raise ImageError(f"{paths.shown(p)} does not exist; give an image, a folder of images or a quoted glob such as 'imgs/*.jpg'")
 
 
 def read(path: Path):
-    """The image as a BGR uint8 array; ImageError if OpenCV cannot decode it."""
+    """The image as a BGR uint8 array; ImageError naming the file if it is too large or cannot be decoded."""
     import cv2
+    import numpy as np
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    paths.require_utf8(path, ImageError, "image file")
+    pixels = _header_pixels(path)
+    if pixels and pixels > MAX_IMAGE_PIXELS:
+        raise ImageError(f"image {path} has {pixels / 1e6:.0f} megapixels, over the {MAX_IMAGE_PIXELS / 1e6:.0f}-"
+                         "megapixel limit of the image decoder; downscale it first")
+    try:
+        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except (OSError, cv2.error, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
+        raise ImageError(f"cannot read image {path}: {first}") from None
     if image is None or image.size == 0:
         raise ImageError(f"cannot read image {path}: not a valid image file (damaged or an unsupported format)")
     return image
+
+
+def _header_pixels(path: Path) -> int | None:
+    """Width x height from the file's header (no decoding), or None when the header cannot tell."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # PIL's own bomb limit is lower than OpenCV's
+    try:
+        with Image.open(path) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # not an image PIL knows: OpenCV decides
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def relative_names(files: list[Path]) -> list[str]:

@@ -22,8 +22,9 @@ LOCK_NAME = ".lock"
 class RunLock:
     """Hold the run folder's lock for the life of this process (or until release())."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, what: str = "run"):
         self.path = Path(run_dir) / LOCK_NAME
+        self.what = what  # run or sweep, for the message
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -36,8 +37,8 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirError(f"run {self.path.parent} is in use by {holder}; wait for it to end or stop it "
-                              "(Ctrl-C, or kill -INT PID) before resuming") from None
+            raise RunDirError(f"{self.what} {self.path.parent} is in use by {holder}; wait for it to end or stop it "
+                              "(Ctrl-C, or kill -INT PID) and retry") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
         self._fd = fd

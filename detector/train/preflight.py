@@ -33,8 +33,23 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, datasets.DatasetInfo, str
     source = weights_cache.resolve(config.model, config.download)  # yolo11n.pt: cached, or fetched if asked
     if source is not None:
         config = replace(config, weights=source)  # run.json's config records path, URL and sha256
+    config = _pretrained_from_cache(config)
     model = checks.check_model(source["path"] if source else config.model)  # refused before the dataset is read
     return config, dataset(config), model
+
+
+def _pretrained_from_cache(config: TrainConfig) -> TrainConfig:
+    """pretrained=NAME.pt follows the weights-cache rules of --model: Ultralytics would download a missing one."""
+    from detector.errors import ModelError
+    from detector.weights import cache as weights_cache
+
+    name = config.overrides.get("pretrained")
+    if not (isinstance(name, str) and name.endswith(".pt")):
+        return config
+    source = weights_cache.resolve(name, config.download)
+    if source is None:
+        raise ModelError(f"pretrained={name}: no such weights file; give a local .pt or an Ultralytics asset name")
+    return replace(config, overrides={**config.overrides, "pretrained": source["path"]})
 
 
 def _stride_imgsz(config: TrainConfig) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""Ultralytics patched for the hermetic runtime: no weights download for its AMP check, no writes into datasets."""
+"""Ultralytics patched for the hermetic runtime: no weights download for its AMP check, no writes into datasets
+(label caches and cache=disk image files go to the tool's folder)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 import torch
+from ultralytics.data import base as _ul_base
 from ultralytics.data import dataset as _ul_dataset
 from ultralytics.engine import trainer as _ul_trainer
 from ultralytics.utils import LOGGER
@@ -45,3 +47,24 @@ _load_cache, _save_cache = _ul_dataset.load_dataset_cache_file, _ul_dataset.save
 _ul_dataset.load_dataset_cache_file = lambda path: _load_cache(_label_cache(path))
 _ul_dataset.save_dataset_cache_file = lambda prefix, path, x, version: _save_cache(prefix, _label_cache(path), x,
                                                                                     version)
+
+
+# cache=disk makes Ultralytics save IMAGE.npy beside every image, into the dataset. Those files go to the
+# tool's folder too, one subfolder per image folder; the check of free space runs just before they are written.
+def _image_cache(image) -> Path:
+    folder = Path(image).resolve().parent
+    key = hashlib.sha1(str(folder).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    out = runtime.home() / "image-caches" / f"{folder.name}-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{Path(image).stem}.npy"
+
+
+_check_cache_disk = _ul_base.BaseDataset.check_cache_disk
+
+
+def _check_cache_disk_in_tool_folder(self, *args, **kwargs) -> bool:
+    self.npy_files = [_image_cache(f) for f in self.im_files]
+    return _check_cache_disk(self, *args, **kwargs)
+
+
+_ul_base.BaseDataset.check_cache_disk = _check_cache_disk_in_tool_folder
