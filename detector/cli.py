@@ -97,7 +97,7 @@ def main():
 
 @main.command(context_settings={"ignore_unknown_options": False})
 @options.use("data", "model", "download", "epochs", "imgsz", "batch.requested", "device", "workers", "seed", "name",
-             "project", "resume", "augment", "batch.candidates", "batch.safety", "tensorboard", "grad_stats",
+             "project", "resume", "augment", "batch.candidates", "batch.safety", "tensorboard", "mlflow", "grad_stats",
              overrides=True)
 @_report_errors
 def train(**params):
@@ -115,6 +115,7 @@ def train(**params):
         detector train --augment my_pipeline.yaml        # an A.save'd Albumentations pipeline, or: light, heavy
         detector train --model yolo11n.pt --download     # fine-tune COCO-pretrained weights (fetched once)
         detector train --tensorboard --name tb           # + runs/tb/tensorboard/ event files
+        detector train --mlflow http://127.0.0.1:5000    # + params, metrics and files in MLflow
 
     Writes runs/NAME/run.json, iterations.csv, epochs.csv and weights/best.pt.
     """
@@ -346,7 +347,7 @@ def compare(run_dirs, out):
               help="--backend ray: GPUs each run reserves. Default: 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-run", type=float, default=None,
               help="--backend ray: CPUs each run reserves. Default: 1 with GPUs; without, all CPUs of the smallest node.")
-@options.use("tensorboard", overrides=True)
+@options.use("tensorboard", "mlflow", overrides=True)
 @_report_errors
 def sweep(batches, seeds, semantics, lr_scaling, name, backend, address, gpus_per_run, cpus_per_run, **params):
     """Train one run per batch size and seed in one folder, then write the comparison there.

@@ -33,7 +33,7 @@ DEFAULT_SAFETY = 0.85
 BUILTIN_DEFAULTS = {"epochs": 20, "imgsz": 128}
 # The training options `detector sweep` takes and gives to each of its runs (besides the batch and seed it sets).
 SWEEP_OPTIONS = ("data", "model", "epochs", "imgsz", "device", "workers", "augment", "grad_stats", "tensorboard",
-                 "overrides")
+                 "mlflow", "overrides")
 BUILTIN_OVERRIDES = {"nbs": 16, "optimizer": "AdamW", "lr0": 0.002, "warmup_epochs": 1, "mosaic": 0.0}
 
 
@@ -172,6 +172,9 @@ class TrainConfig:
                               "columns stay empty).", negate=True)
     tensorboard: bool = option(False, "--tensorboard", "Also write TensorBoard event files to PROJECT/NAME/tensorboard/ "
                                "(needs detector[tensorboard]).", is_flag=True)
+    mlflow: str | None = option(None, "--mlflow", "Also log params, every iteration's and epoch's metrics and the run "
+                                "folder's files to this MLflow tracking URI (http://HOST:PORT, sqlite:///mlflow.db, a "
+                                "folder); needs detector[mlflow].", metavar="URI")
     download: bool = option(False, "--download", "Fetch pretrained weights missing from the cache (once; also "
                             "DETECTOR_DOWNLOAD=1). Nothing else is ever downloaded.", is_flag=True)
     weights: dict | None = None  # set by preflight for a .pt model: its path, source URL and sha256

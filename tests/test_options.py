@@ -16,7 +16,7 @@ SAMPLES = {
     "data": Path("some/data.yaml"), "model": "yolov8s.yaml", "download": True, "epochs": 7, "imgsz": 96,
     "batch.requested": 32, "device": "cpu", "workers": 2, "seed": 3, "name": "b32", "project": Path("elsewhere"),
     "resume": Path("runs/old"), "augment": "light", "batch.candidates": (8, 16), "batch.safety": 0.5,
-    "tensorboard": True, "grad_stats": False,
+    "tensorboard": True, "grad_stats": False, "mlflow": "sqlite:///mlflow.db",
 }
 OVERRIDES = {"lr0": 0.01, "optimizer": "SGD", "mosaic": 0.0, "close_mosaic": 0, "cache": "disk", "amp": False,
              "label": "true", "number_as_text": "0.5", "empty": None, "scales": [0.5, 1.0]}

@@ -21,7 +21,7 @@ from pathlib import Path
 from detector.config import TrainConfig, jsonable
 from detector.errors import (DetectorError, DiskFull, RunDirError, TrainingInterrupted, UsageError,
                              is_disk_full)
-from detector.record import tensorboard
+from detector.record import mlflow_log, tensorboard
 from detector.record.writer import Recorder
 from detector.train import autobatch, stepdown
 from detector.train import resuming
@@ -149,6 +149,8 @@ def run(config: TrainConfig) -> Path:
         return resume(config)
     if config.tensorboard:
         tensorboard.require()  # before any run folder exists
+    if config.mlflow:
+        mlflow_log.require()
     from detector.augment import pipelines
 
     try:
@@ -184,10 +186,12 @@ def run(config: TrainConfig) -> Path:
         "events": [],
     })
     started = time.time()
+    tracking = mlflow_log.Tracking(config.mlflow, recorder)
     try:
-        _supervise(recorder, run_dir, config.tensorboard,
-                   lambda: stepdown.fit(stepdown.Attempt(ul_args), run_dir, recorder, config.batch.candidates))
+        _supervise(recorder, run_dir, config.tensorboard, tracking.around(
+            lambda: stepdown.fit(stepdown.Attempt(ul_args), run_dir, recorder, config.batch.candidates)))
     finally:
+        tracking.finish()
         lock.release()
     log.info(f"run {run_dir} completed in {time.time() - started:.0f} s")
     return run_dir
@@ -240,12 +244,16 @@ def _resume(config: TrainConfig, run_dir: Path) -> Path:
         work = lambda: final.final_validation(run_dir, recorder, config.device)  # noqa: E731
     else:
         log.info(f"resuming {run_dir} from {last}")
-    _supervise(recorder, run_dir, with_tensorboard, work)
+    tracking = mlflow_log.Tracking(config.mlflow or (state.get("mlflow") or {}).get("uri"), recorder)
+    try:  # a resume logs to the MLflow run the run logged to
+        _supervise(recorder, run_dir, with_tensorboard, tracking.around(work))
+    finally:
+        tracking.finish()
     return run_dir
 
 
 # What a resume may be given: Ultralytics restores every other option from last.pt (the pipeline is refused above).
-_FREE_ON_RESUME = ("resume", "device", "batch.requested", "augment", "tensorboard", "grad_stats", "download")
+_FREE_ON_RESUME = ("resume", "device", "batch.requested", "augment", "tensorboard", "grad_stats", "download", "mlflow")
 
 
 def _refuse_resume_options(config: TrainConfig, run_dir: Path) -> None:

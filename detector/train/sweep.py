@@ -27,6 +27,7 @@ from detector import facts
 from detector.config import BUILTIN_OVERRIDES, SWEEP_OPTIONS, TrainConfig, jsonable, parse_list
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.record.writer import Recorder, now_iso, write_json_atomic
+from detector.record import mlflow_log
 from detector.report import render
 from detector.report.analysis import REFERENCE_BATCH
 from detector.train import run as train
@@ -209,6 +210,8 @@ def run(config: SweepConfig) -> Path:
     log.info(f"sweep trained for {(time.time() - started) / 60:.1f} min; writing the comparison")
     existing = [folder / p.name for p in planned if (folder / p.name / "run.json").is_file()]
     html = render.compare(existing, folder)
+    if config.template.mlflow:  # the report as an MLflow run, the sweep's runs nested under it
+        mlflow_log.log_sweep(config.template.mlflow, folder, existing)
     if failures:
         raise DetectorError(f"{len(failures)} run(s) of the sweep failed ({'; '.join(failures)}); the report "
                             f"{html} shows what finished; run the same command again to retry them")

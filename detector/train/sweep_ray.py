@@ -22,6 +22,7 @@ from pathlib import Path
 from detector.config import TrainConfig
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.record.writer import Recorder, now_iso
+from detector.record import mlflow_log
 from detector.report import render
 from detector.train import attempts, sweep
 from detector.train.sweep import PlannedRun, SweepConfig
@@ -197,6 +198,8 @@ def run(config: SweepConfig, options: RayOptions) -> Path:
     if not existing:
         raise DetectorError(f"no run of the sweep finished ({'; '.join(failures)})")
     html = render.compare(existing, folder)
+    if config.template.mlflow:  # the report as an MLflow run, the sweep's runs nested under it
+        mlflow_log.log_sweep(config.template.mlflow, folder, existing)
     if failures:
         raise DetectorError(f"{len(failures)} run(s) of the sweep failed ({'; '.join(failures)}); the report "
                             f"{html} shows what finished; run the same command again to retry them")
