@@ -20,7 +20,7 @@ import torch
 
 from detector import gradnoise
 from detector.record.writer import Recorder
-from detector.report import recommend, timing
+from detector.report import prediction, recommend, timing
 from detector.report import render as report
 from tests.conftest import run_cli
 
@@ -242,8 +242,11 @@ def test_no_grad_stats_leaves_the_columns_empty(tiny_data, tmp_path):
 # ---- fake runs for the report ---------------------------------------------------------------------------------
 
 def fake_run(root, name, batch, seed=0, maps=(0.1, 0.3, 0.5), epoch_time=10.0, ips=40.0, noise=(80, 50, 30),
-             status="completed", nbs=None, lr0=0.002, iters=5, imgsz=128):
-    """A run folder through the real Recorder: per-epoch mAP50-95 `maps`, fixed epoch time and throughput."""
+             status="completed", nbs=None, lr0=0.002, iters=5, imgsz=128, band=None, losses=None):
+    """A run folder through the real Recorder: per-epoch mAP50-95 `maps`, fixed epoch time and throughput.
+
+    band: per epoch (low, high) of B_simple's interval (high None: unbounded); losses: per epoch train loss terms.
+    """
     nbs = nbs or batch
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -264,9 +267,12 @@ def fake_run(root, name, batch, seed=0, maps=(0.1, 0.3, 0.5), epoch_time=10.0, i
             rec.iteration(LOSSES, {**row, "epoch": e, "iteration": it, "epoch_iteration": k, "batch_size": batch,
                                    "images_seen": it * batch, "optimizer_step": it, "loss": 3.0, "lr": 0.01,
                                    "time_s": it, "iter_time_s": 1, "data_time_s": 0.01, "grad_norm": 5.0})
+        low, high = band[min(e, len(band)) - 1] if band else (None, None)
+        terms = {f"train_{t}": losses[e - 1] / 3 for t in LOSSES} if losses else {}
         rec.epoch(LOSSES, {"epoch": e, "map50": m * 1.5, "map50_95": m, "epoch_time_s": epoch_time,
                            "images_per_s": ips, "grad_noise_scale": noise[min(e, len(noise)) - 1],
-                           "grad_norm_sq": 1.0, "grad_trace_sigma": float(noise[min(e, len(noise)) - 1])})
+                           "grad_norm_sq": 1.0, "grad_trace_sigma": float(noise[min(e, len(noise)) - 1]),
+                           "grad_noise_scale_low": low, "grad_noise_scale_high": high, **terms})
     if status == "running":
         rec.close()
     else:
@@ -355,4 +361,4 @@ def test_settle_command_repeats_the_sweep_with_three_seeds(tmp_path):
 
 def test_late_noise_scale_uses_the_last_third(tmp_path):
     run = report.load_runs([fake_run(tmp_path, "r", 16, maps=(0.1,) * 6, noise=(300, 200, 100, 60, 40, 20))])[0]
-    assert recommend.late_noise_scale(run) == pytest.approx(30)
+    assert prediction.late_noise(run).value == pytest.approx(30)

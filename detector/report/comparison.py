@@ -13,7 +13,7 @@ from pathlib import Path
 
 from detector.errors import RunDirError
 from detector.record import runs
-from detector.report import analysis, recommend, timing
+from detector.report import analysis, prediction, recommend, timing
 
 METRICS = (("best_map50_95", "Best mAP50-95"), ("final_map50_95", "Final mAP50-95"))  # the seed statistics
 
@@ -33,6 +33,8 @@ class Comparison:
     figures: list[Path] = field(default_factory=list)  # the PNG files drawn for it, in report order
     recommendation: recommend.Recommendation | None = None
     time_to_accuracy: tuple[list[str], list[list[str]]] = ([], [])  # (header, rows)
+    noise: prediction.NoiseScale | None = None  # the pooled late noise scale
+    predicted: list[prediction.Candidate] = field(default_factory=list)  # per batch: predicted against measured
 
     @property
     def has_seed_spread(self) -> bool:
@@ -68,6 +70,9 @@ def analyse(loaded: list) -> Comparison:
     comp = Comparison(loaded, rows, kind, warnings, notes, {r.name: r.notes for r in loaded if r.notes})
     comp.recommendation = recommend.recommend(loaded, rows, kind, warnings)
     comp.time_to_accuracy = timing.rows(loaded)
+    comp.noise = prediction.pooled(loaded)
+    if comp.noise is not None and kind.name != "accumulate" and len({r["batch_used"] for r in rows}) > 1:
+        comp.predicted = prediction.candidates(loaded, rows, comp.noise)
     for metric, label in METRICS:
         comp.stats[label] = analysis.group_stats(rows, metric)
     groups = comp.stats["Best mAP50-95"]

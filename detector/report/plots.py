@@ -167,16 +167,25 @@ def speed_memory(rows: list[dict], runs: list[Run], path: Path) -> Path:
 
 
 def noise_scale(runs: list[Run], rows: list[dict], path: Path) -> Path | None:
-    """B_simple per epoch per run (log scale), with each run's images per optimizer step as a horizontal line."""
+    """B_simple per epoch per run (log scale) with its 90% band, and each run's images per optimizer step as a line."""
     have = [r for r in runs if (c := r.epochs.get("grad_noise_scale")) is not None and np.any(c > 0)]
     if not have:
         return None  # runs recorded before the measure existed, or with --no-grad-stats
     fig, ax = plt.subplots(figsize=(10, 4.2))
     st = styles(runs)
+    finite = [v for r in have for k in ("grad_noise_scale", "grad_noise_scale_high")
+              if (c := r.epochs.get(k)) is not None for v in c[np.isfinite(c) & (c > 0)]]
+    steps = [v for row in rows if (v := row.get("images_per_step") or row.get("batch_used"))]
+    top = 3 * max(finite + steps)  # where an unbounded band ends: above every finite value and step line
     for r in have:
-        ys = r.epochs.get("grad_noise_scale")
+        ys, ep = r.epochs.get("grad_noise_scale"), r.epochs.get("epoch")
         ok = ys > 0  # a non-positive |G|² estimate has no ratio; NaN compares False too
-        ax.plot(r.epochs.get("epoch")[ok], ys[ok], marker="o", markersize=3, label=label(r), **st[r.name])
+        ax.plot(ep[ok], ys[ok], marker="o", markersize=3, label=label(r), **st[r.name])
+        low, high = r.epochs.get("grad_noise_scale_low"), r.epochs.get("grad_noise_scale_high")
+        if low is not None and high is not None:  # runs recorded before the interval existed have no band
+            band = ~np.isnan(low)
+            ax.fill_between(ep[band], np.maximum(low[band], top / 1e6), np.where(np.isnan(high[band]), top,
+                            high[band]), color=st[r.name]["color"], alpha=0.12, linewidth=0)
     seen = set()
     for row in rows:
         step = row.get("images_per_step") or row.get("batch_used")
@@ -187,10 +196,11 @@ def noise_scale(runs: list[Run], rows: list[dict], path: Path) -> Path | None:
             ax.annotate(f"{step} images/step", (1, step), xycoords=("axes fraction", "data"), ha="right",
                         va="bottom", fontsize=8, color=color)
     ax.set_yscale("log")
+    ax.set_ylim(top=top)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("B_simple = tr(Σ) / |G|²")
-    ax.set_title("Gradient noise scale per epoch (dashed: images per optimizer step of each run)")
+    ax.set_title("Gradient noise scale per epoch, 90% interval shaded (top edge: unbounded); dashed: images per step")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -7,7 +7,10 @@ Pure functions of the runs and their summaries (report.analysis). Three cases:
   mAP50-95 (that fits in memory) is the one to use;
 - insufficient evidence: one seed per batch size, unfinished runs, or runs that
   differ in more than batch size. It says so, gives what the runs do show, and the
-  exact `detector sweep` command that would settle it.
+  exact `detector sweep` command that would settle it;
+- not learned: the runs did not learn enough to compare (see learned()). No batch is
+  named; the command trains the same candidates longer, with three seeds, for a number
+  of epochs read from the runs (is the loss still falling, when did mAP start to rise).
 The other paragraphs (memory, speed, accuracy, gradient noise scale, what was held
 fixed) are the evidence, whichever case it is.
 """
@@ -21,16 +24,19 @@ import numpy as np
 
 from detector.config import BUILTIN_OVERRIDES, DEFAULT_SAFETY, SWEEP_OPTIONS, TrainConfig
 from detector.record.runs import Run
-from detector.report import analysis, timing
+from detector.report import analysis, prediction, timing
 
 SEEDS_TO_SETTLE = "0,1,2"
+LEARN_FLOOR = 0.05  # best mAP50-95 of every run below this: the runs learned nothing worth comparing
+RISE = 0.01  # mAP50-95 at which a run counts as having started to learn (the epoch "mAP started to rise")
+MIN_EPOCHS = 10  # the fewest epochs the settling command proposes when mAP never rose
 
 
 @dataclass
 class Recommendation:
     """What the Recommendation section says."""
 
-    case: str  # clear | within_noise | insufficient | single
+    case: str  # clear | within_noise | insufficient | not_learned | single
     verdict: str
     evidence: list[str] = field(default_factory=list)
     command: str | None = None  # the detector sweep that would settle it
@@ -56,15 +62,66 @@ def _groups(runs: list[Run], rows: list[dict]) -> list[_Batch]:
     return [_Batch(b, rs, ws) for b, (rs, ws) in sorted(by.items())]
 
 
-def late_noise_scale(run: Run) -> float | None:
-    """Median B_simple over the last third of the run's epochs (it falls as training goes on)."""
-    col = run.epochs.get("grad_noise_scale")
-    if col is None:
-        return None
-    vals = col[~np.isnan(col)]
-    if not len(vals):
-        return None
-    return float(np.median(vals[len(vals) - max(len(vals) // 3, 1):]))
+def learned(groups: list[_Batch]) -> str | None:
+    """None when the runs learned enough to compare; else why not (the rule, with the runs' numbers).
+
+    The rule: the best mAP50-95 of some run reaches LEARN_FLOOR, and, where a batch size
+    has several seeds, the highest batch mean of best mAP50-95 is above twice the largest
+    seed standard deviation (else the best batch is indistinguishable from nothing learned).
+    """
+    bests = [r["best_map50_95"] for g in groups for r in g.rows if r.get("best_map50_95") is not None]
+    if not bests:
+        return "no run has a validated epoch"
+    if max(bests) < LEARN_FLOOR:
+        return (f"the runs did not learn enough to compare: the best mAP50-95 of any run is {max(bests):.3f}, "
+                f"below the floor of {LEARN_FLOOR}")
+    spreads = [float(np.std(v, ddof=1)) for g in groups
+               if len(v := [r["best_map50_95"] for r in g.rows if r.get("best_map50_95") is not None]) > 1]
+    top = max(m for g in groups if (m := g.mean("best_map50_95")) is not None)
+    if spreads and top <= 2 * max(spreads):
+        return (f"the runs did not learn enough to compare: the highest batch mean of best mAP50-95 ({top:.3f}) is "
+                f"not above twice the seed spread (standard deviation up to {max(spreads):.3f})")
+    return None
+
+
+def _train_loss(run: Run) -> np.ndarray | None:
+    cols = [run.epochs.get(t) for t in run.train_loss_terms]
+    return np.sum(cols, axis=0) if cols and all(c is not None for c in cols) else None
+
+
+def progress(runs: list[Run]) -> tuple[bool | None, int | None, int]:
+    """(is the training loss still falling, the median epoch at which mAP50-95 first reached RISE, epochs run).
+
+    Falling: in most runs the last epoch's training loss is over 1% below the mean of the two before.
+    """
+    falling, rises, epochs = [], [], 0
+    for run in runs:
+        loss, m, ep = _train_loss(run), run.epochs.get("map50_95"), run.epochs.get("epoch")
+        epochs = max(epochs, len(ep) if ep is not None else 0)
+        if loss is not None and len(loss) >= 3:
+            falling.append(loss[-1] < 0.99 * np.mean(loss[-3:-1]))
+        if m is not None and ep is not None and (hit := np.flatnonzero(m >= RISE)).size:
+            rises.append(int(ep[hit[0]]))
+    still = None if not falling else sum(falling) > len(falling) / 2
+    return still, (int(np.median(rises)) if rises else None), epochs
+
+
+def _not_learned(runs: list[Run], rows: list[dict], why: str, evidence: list[str]) -> Recommendation:
+    """No batch named: what the runs show, and the longer sweep (same candidates, three seeds) that would settle it."""
+    falling, rise, epochs = progress(runs)
+    planned = int(analysis.ul_config(runs[0]).get("epochs") or epochs or 1)
+    if rise is None:
+        more = max(3 * planned, MIN_EPOCHS)
+        seen = f"mAP50-95 never reached {RISE} in {epochs} epochs"
+    else:
+        more = max(2 * planned, 4 * rise)
+        seen = f"mAP50-95 started to rise at epoch {rise} (median over runs) of {epochs}"
+    loss = {True: "the training loss was still falling at the last epoch", None: "the training loss trend is unknown",
+            False: "the training loss had stopped falling (more epochs alone may not help: check the learning rate "
+                   "and the data)"}[falling]
+    return Recommendation("not_learned", f"No recommendation: {why}. {seen[0].upper() + seen[1:]}; {loss}. The "
+                          f"command below trains the same batch sizes for {more} epochs with three seeds.",
+                          evidence, settle_command(runs, rows, epochs=more))
 
 
 def _t90(g: _Batch, target: float | None) -> float | None:
@@ -134,25 +191,26 @@ def _accuracy(groups: list[_Batch], rows: list[dict]) -> tuple[str, list[int]]:
                f"batch {', '.join(map(str, sorted(beaten)))} lower beyond the noise.")), ok
 
 
-def _noise(groups: list[_Batch], kind: analysis.Kind) -> str | None:
-    late = [v for g in groups for r in g.runs if (v := late_noise_scale(r)) is not None]
-    if not late:
+def _noise(runs: list[Run], rows: list[dict], kind: analysis.Kind) -> str | None:
+    ns = prediction.pooled(runs)
+    if ns is None:
         return None
-    bn = float(np.median(late))
-    per = []
-    for g in groups:
-        step = g.mean("images_per_step") or g.batch
-        who = "every run" if kind.name == "accumulate" else f"batch {g.batch}"
-        per.append(f"{who} at {step:.0f} images per step: "
-                   f"{1 + bn / step:.1f}x the fewest steps, {1 + step / bn:.1f}x the fewest images")
-        if kind.name == "accumulate":
-            break
-    head = (f"Gradient noise scale: late in training (last third of epochs) B_simple is about {bn:.0f}. "
-            "Steps to a given loss scale as 1 + B_simple/B and images as 1 + B/B_simple (McCandlish et al. "
-            "2018), B being the images per optimizer step: ")
-    tail = ("" if kind.name != "accumulate" else
-            " With accumulation every run steps on the same images, so this speaks to nbs, not to the batch.")
-    return head + "; ".join(per) + "." + tail
+    head = (f"Gradient noise scale: late in training (last third of epochs, median over runs) B_simple is "
+            f"{ns.text()}. Steps to a given loss scale as 1 + B_simple/B and images as 1 + B/B_simple (McCandlish "
+            "et al. 2018), B being the images per optimizer step")
+    if kind.name == "accumulate":
+        return head + (". With accumulation every run steps on the same images, so this speaks to nbs, not to "
+                       "the batch.")
+    cands = prediction.candidates(runs, rows, ns)
+    if len(cands) < 2:
+        return head + "."
+    ref = cands[0]
+    per = "; ".join(f"batch {c.batch} ({c.per_step:.0f} per step): {c.steps[0]:.2f}x the steps, "
+                    f"{c.images[0]:.2f}x the images" for c in cands[1:])
+    out = f"{head}. Predicted against batch {ref.batch} ({ref.per_step:.0f} images per step): {per}"
+    out += " (intervals in the table below)." if ns.has_interval else "."
+    rank = prediction.ranking(cands)
+    return out + (f" {rank}" if rank else "")
 
 
 def held_fixed(runs: list[Run], rows: list[dict], kind: analysis.Kind) -> str:
@@ -195,19 +253,41 @@ def _with_seeds(argv: list[str]) -> list[str]:
     return out[:2] + ["--seeds", SEEDS_TO_SETTLE] + out[2:]
 
 
-def settle_command(runs: list[Run], rows: list[dict]) -> str:
+def _longer(argv: list[str], epochs: int, folder: str) -> list[str]:
+    """argv with --epochs set and a new --name: a sweep folder refuses changed options, so the longer one gets its own."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--epochs", "--name"):
+            skip = True
+        elif not a.startswith(("--epochs=", "--name=")):
+            out.append(a)
+    return out + ["--epochs", str(epochs), "--name", f"{folder}-e{epochs}"]
+
+
+def settle_command(runs: list[Run], rows: list[dict], epochs: int | None = None) -> str:
     """The detector sweep that would settle the question: these batches, three seeds, the same settings.
 
     Runs of one sweep get their own command back with --seeds 0,1,2: re-running it
     continues the same folder (finished runs are skipped). Other runs get a sweep
-    built from the first run's settings.
+    built from the first run's settings. With epochs, the sweep trains that many epochs
+    instead, in a folder of its own (the old name with -e<epochs>).
     """
+    argv = _settle_argv(runs, rows)
+    if epochs is not None:
+        folder = ((runs[0].meta.get("config") or {}).get("sweep") or {}).get("sweep") or runs[0].path.parent.name
+        argv = _longer(argv, epochs, folder)
+    return shlex.join(argv)
+
+
+def _settle_argv(runs: list[Run], rows: list[dict]) -> list[str]:
     same = _same_sweep_command(runs)
     if same:
-        return shlex.join(_with_seeds(same))
+        return _with_seeds(same)
     cfg = runs[0].meta.get("config") or {}
     sweep = cfg.get("sweep") or {}
-    batches = sorted({r["batch_used"] or r["batch_requested"] for r in rows}, key=lambda b: int(b))
+    batches = sorted({b for r in rows if (b := r["batch_used"] or r["batch_requested"]) is not None}, key=int)
     args = ["detector", "sweep", "--batch", ",".join(map(str, batches)), "--seeds", SEEDS_TO_SETTLE]
     if sweep.get("semantics") == "true":
         args += ["--semantics", "true"] + (["--lr-scaling", sweep["lr_scaling"]] if sweep.get("lr_scaling") else [])
@@ -223,7 +303,7 @@ def settle_command(runs: list[Run], rows: list[dict]) -> str:
         by_sweep = {"nbs"}
     kept = {k: v for k, v in sorted(overrides.items()) if k not in by_sweep and not (k in builtin and builtin[k] == v)}
     args += replace(template, overrides=kept).to_argv(only=["overrides"])
-    return shlex.join(args)
+    return args
 
 
 def recommend(runs: list[Run], rows: list[dict], kind: analysis.Kind, warnings: list[str]) -> Recommendation:
@@ -232,10 +312,13 @@ def recommend(runs: list[Run], rows: list[dict], kind: analysis.Kind, warnings: 
     best = timing.best_map(runs)
     accuracy, acc_ok = _accuracy(groups, rows)
     evidence = [_memory(groups), _speed(groups, best), accuracy]
-    evidence += [s for s in (_noise(groups, kind),) if s] + [held_fixed(runs, rows, kind)]
+    evidence += [s for s in (_noise(runs, rows, kind),) if s] + [held_fixed(runs, rows, kind)]
     if len(groups) < 2:
         return Recommendation("single", "One batch size: nothing to choose between; the figures below describe it.",
                               evidence, settle_command(runs, rows))
+    why = learned(groups)
+    if why is not None:
+        return _not_learned(runs, rows, why, evidence)
     fastest = _fastest(groups, best, acc_ok or [g.batch for g in groups])
     problems = _problems(runs, rows, kind, warnings)
     if problems:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from detector.record.writer import now_iso
 from detector.report.comparison import Comparison, headline
+from detector.report import prediction
 from detector.report.document import BulletList, Code, Image, Paragraph, Section, Table
 
 TITLE = "Batch-size comparison"
@@ -71,8 +72,9 @@ CAPTIONS = {
     "loss_per_epoch": "Mean training loss and validation loss per epoch; a falling training loss with a rising "
                       "validation loss means over-fitting.",
     "speed_memory": "Throughput and peak GPU memory per run.",
-    "noise_scale": "The gradient noise scale B_simple measured in each epoch. Well below it, more images per step "
-                   "buy nearly proportionally fewer steps; well above it, extra images per step are mostly wasted.",
+    "noise_scale": "The gradient noise scale B_simple measured in each epoch, with its 90% interval as a band (a band "
+                   "reaching the top edge is unbounded: unresolved). Well below it, more images per step buy nearly "
+                   "proportionally fewer steps; well above it, extra images per step are mostly wasted.",
 }
 
 
@@ -148,6 +150,26 @@ def _time_to_accuracy(comp: Comparison) -> Section | None:
     return Section("Time to accuracy", "time-to-accuracy", [Paragraph(TTA_NOTE), Table(head, body)])
 
 
+PREDICTION_NOTE = (
+    "From the gradient noise scale late in training, B_noise {noise}: predicted optimizer steps and images to reach "
+    "the same loss, S/S_min = 1 + B_noise/B and E/E_min = 1 + B/B_noise (McCandlish et al. 2018), B being the images "
+    "per optimizer step, relative to batch {ref}; in brackets, the same over the noise scale's 90% interval (an "
+    "unbounded interval reaches the limits: steps B_ref/B, images 1x). Predicted wall time is the predicted steps "
+    "times each batch's measured seconds per step. The measured columns are where the runs first reached {share}% "
+    "of the best mAP50-95 (means over seeds), also relative to batch {ref}: the prediction is about a loss, the "
+    "measurement about accuracy, so read them as a check of direction and size, not as equals.")
+
+
+def _prediction(comp: Comparison) -> Section | None:
+    if not comp.predicted or comp.noise is None:
+        return None
+    note = PREDICTION_NOTE.format(noise=comp.noise.text(), ref=comp.predicted[0].batch,
+                                  share=int(prediction.SHARE * 100))
+    blocks = [Paragraph(note), Table(prediction.HEAD, prediction.table(comp.predicted))]
+    rank = prediction.ranking(comp.predicted)
+    return Section("Predicted from the noise scale", "prediction", blocks + ([Paragraph(rank)] if rank else []))
+
+
 def _plots(comp: Comparison) -> Section:
     return Section("Plots", "plots", [Image(p, p.stem, CAPTIONS.get(p.stem, "")) for p in comp.figures])
 
@@ -160,8 +182,8 @@ def _folders(comp: Comparison) -> Section:
     return Section("Run folders", "run-folders", [BulletList([f"`{r.path}`" for r in comp.runs])])
 
 
-ORDER = (_title, _recommendation, _kind, _warnings, _notes, _incomplete, _runs, _seeds, _time_to_accuracy, _plots,
-         _terms, _folders)
+ORDER = (_title, _recommendation, _kind, _warnings, _notes, _incomplete, _runs, _seeds, _time_to_accuracy,
+         _prediction, _plots, _terms, _folders)
 
 
 def build(comp: Comparison) -> list[Section]:
