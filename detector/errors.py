@@ -62,8 +62,24 @@ class DeviceOutOfMemory(BatchError):
         self.epoch_iteration, self.phase = epoch_iteration, phase
 
 
-class DiskFull(DetectorError):
-    """No space left on the device a run writes to."""
+class DiskFull(DetectorError, OSError):
+    """No space left on the device (or quota) while writing a file; filename names the destination.
+
+    Also an OSError with errno ENOSPC (or EDQUOT), so code that handles a full disk as an
+    OSError (is_disk_full, a cache that may fail to write) treats it as one.
+    """
+
+    def __init__(self, message: str, filename: str | None = None, errno_code: int | None = None):
+        import errno
+
+        OSError.__init__(self, errno_code or errno.ENOSPC, "No space left on device", filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # picklable across processes (Ray), with its message and destination
+        return type(self), (self.message, self.filename, self.errno)
 
 
 def is_disk_full(error: BaseException | None) -> bool:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
+
+from detector import fileio
 
 # Values Ultralytics and Albumentations read from the environment at import time.
 OFFLINE_ENV = {
@@ -73,9 +74,7 @@ def _write_settings(ul_dir: Path) -> None:
         "runs_dir": str(home() / "ultralytics-runs"),
     }
     if wanted != current:
-        tmp = path.with_name(f".settings.{os.getpid()}.tmp")  # parallel processes each write their own
-        tmp.write_text(json.dumps(wanted, indent=2))
-        tmp.replace(path)
+        fileio.write_text(path, json.dumps(wanted, indent=2))  # parallel processes each write their own temp
 
 
 def _install_font(ul_dir: Path) -> None:
@@ -86,9 +85,7 @@ def _install_font(ul_dir: Path) -> None:
     import matplotlib
 
     source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    tmp = target.with_name(f".Arial.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
+    fileio.copy_file(source, target)
 
 
 def prepare() -> Path:

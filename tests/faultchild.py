@@ -7,7 +7,9 @@ mid_epoch:E (after the 2nd iteration of epoch E), validation:E (as epoch E's
 validation starts), checkpoint_write:K (inside the K-th write of last.pt, after
 the data reached the temporary file, before the rename), after_checkpoint:K
 (just after the K-th last.pt is in place), final (in the final validation, after
-last.pt and best.pt were stripped). MODE is kill (SIGKILL: no handler runs) or
+last.pt and best.pt were stripped); for any command, fsync:NAME (after the data of
+a file whose name holds NAME reached its temporary file, before the rename) and
+onnx_save (half-way through the exporter's write of the .onnx file). MODE is kill (SIGKILL: no handler runs) or
 int (SIGINT: Ctrl-C). Epoch and write counts are of this process only. Nothing
 here ships: the faults are patched in from outside.
 """
@@ -26,11 +28,17 @@ def die(mode: str) -> None:
 
 def install(phase: str, mode: str) -> None:
     name, _, arg = phase.partition(":")
-    n = int(arg or 0)
+    n = int(arg) if arg.isdigit() else 0
     if name == "check":
         from detector.data import check
 
         check.require_trainable = lambda *a, **k: die(mode)
+        return
+    if name == "fsync":  # inside the write of a file whose name holds ARG: its data written, not yet renamed
+        _fsync_fault(arg, mode)
+        return
+    if name == "onnx_save":  # half of the .onnx file written by the exporter's final onnx.save
+        _onnx_save_fault(mode)
         return
     from detector.yolo import callbacks, checkpoints, recording
 
@@ -78,12 +86,37 @@ def install(phase: str, mode: str) -> None:
         raise SystemExit(f"unknown phase {phase}")
 
 
+def _fsync_fault(part: str, mode: str) -> None:
+    real = os.fsync
+
+    def fsync(fd):
+        real(fd)
+        if part in os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]:
+            die(mode)
+
+    os.fsync = fsync
+
+
+def _onnx_save_fault(mode: str) -> None:
+    import onnx
+
+    def save(model, f, *args, **kwargs):
+        data = model.SerializeToString()
+        with open(f, "wb") as out:
+            out.write(data[: len(data) // 2])
+            out.flush()
+        die(mode)
+
+    onnx.save = save
+
+
 def _checkpoint_fault(checkpoints, name: str, n: int, mode: str) -> None:
     original = checkpoints.write_bytes_atomic
     writes = []
 
     class DyingOs:
-        """os for checkpoints.py whose fsync kills the process: the temp file is written, not yet renamed."""
+        """os for detector.fileio (which writes checkpoints) whose fsync kills the process: the temp file is
+        written, not yet renamed."""
 
         def __getattr__(self, attr):
             return getattr(os, attr)
@@ -98,7 +131,9 @@ def _checkpoint_fault(checkpoints, name: str, n: int, mode: str) -> None:
             return original(path, data)
         writes.append(path)
         if name == "checkpoint_write" and len(writes) == n:
-            checkpoints.os = DyingOs()
+            from detector import fileio
+
+            fileio.os = DyingOs()
         original(path, data)
         if name == "after_checkpoint" and len(writes) == n:
             die(mode)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector import runtime
+from detector import fileio, runtime
 from detector.augment import pipelines as augment
 from detector.data import datasets
 from detector.data import synth
@@ -65,10 +65,13 @@ def preview(req: PreviewRequest) -> dict:
         batch = loader.augmented_batch(data_yaml, list(pipeline.transforms), imgsz, req.batch, seed=req.seed,
                                      overrides=overrides)
     grid = draw_grid(batch)
-    import cv2
-
-    if not cv2.imwrite(str(out), grid):
-        raise UsageError(f"could not write {out}; pass --out with a .jpg or .png path in a writable folder")
+    try:
+        fileio.encode_image(out, grid)
+    except OSError as e:
+        if fileio.is_disk_full(e):
+            raise
+        raise UsageError(f"could not write {out} ({e.strerror or e}); pass --out with a .jpg or .png path in a "
+                         "writable folder") from None
     return {"out": str(out), "width": grid.shape[1], "height": grid.shape[0], "images": len(batch["images"]),
             "boxes": len(batch["cls"]), "pipeline": pipeline.describe()}
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from detector import runtime
+from detector import fileio, runtime
 from detector.data import datasets
 from detector.data.inspect_files import Problem, inspect_image, parse_label
 from detector.errors import DatasetError
@@ -213,9 +213,7 @@ def cached_check(info: datasets.DatasetInfo) -> CheckResult:
     result = check(info)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result.to_json()), encoding="utf-8")
-        tmp.replace(path)
+        fileio.write_json(path, result.to_json(), indent=None)
     except OSError:
         pass  # an unwritable cache only costs a re-check next time
     return result

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import yaml
 
+from detector import fileio
 from detector.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -196,10 +196,10 @@ def _write_split(records: list, images_dir: Path, out: Path, result: ConvertResu
         if link:
             os.symlink(src.resolve(), dst)
         else:
-            shutil.copy2(src, dst)
+            fileio.copy_file(src, dst)  # a full disk names dst, not the source image
         label = (lbl_out / rel).with_suffix(".txt")
         label.parent.mkdir(parents=True, exist_ok=True)
-        label.write_text("".join(lines), encoding="utf-8")
+        fileio.write_text(label, "".join(lines))
         result.images += 1
         result.boxes += len(lines)
         result.background_images += not lines
@@ -262,4 +262,4 @@ def _write_yaml(out: Path, result: ConvertResult, existing: dict) -> None:
     header = "# written by 'detector datasets convert'\n"
     if splits["val"] == splits["train"]:
         header += "# val is the train split until a val split is converted into this folder\n"
-    result.yaml.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    fileio.write_text(result.yaml, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

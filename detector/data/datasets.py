@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from detector import fileio
+from detector import paths
 from detector.errors import DatasetError
 
 IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
@@ -75,9 +77,9 @@ class DatasetInfo:
             entries = self.raw[split] if isinstance(self.raw[split], list) else [self.raw[split]]
             if any(str(e).endswith(".txt") for e in entries):
                 listed = path.with_name(f"{path.stem}-{split}.txt")
-                listed.write_text("".join(f"{image}\n" for image in self.splits[split]), encoding="utf-8")
+                fileio.write_text(listed, "".join(f"{image}\n" for image in self.splits[split]))
                 data[split] = str(listed)
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        fileio.write_text(path, yaml.safe_dump(data, sort_keys=False))
         return path
 
 
@@ -184,6 +186,7 @@ def label_path(image: Path) -> Path:
 def load(yaml_path: str | Path) -> DatasetInfo:
     """Read and check a data YAML; raise DatasetError with one clear sentence when it cannot train."""
     yaml_path = Path(yaml_path).expanduser()
+    paths.require_utf8(yaml_path, DatasetError, "data file")
     if yaml_path.is_dir():
         inside = sorted(yaml_path.glob("*.yaml")) + sorted(yaml_path.glob("*.yml"))
         hint = f" such as {inside[0]}" if inside else ""
@@ -192,8 +195,8 @@ def load(yaml_path: str | Path) -> DatasetInfo:
         raise DatasetError(f"data file {yaml_path} not found; pass --data with a YOLO data YAML")
     try:
         raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise DatasetError(f"{yaml_path} is not readable YAML: {str(e).splitlines()[0]}") from e
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DatasetError(f"{yaml_path} is not readable YAML: {str(e).splitlines()[0][:200]}") from e
     if not isinstance(raw, dict):
         raise DatasetError(f"{yaml_path} is not a YOLO data YAML (expected keys path, train, val, names)")
     missing = [k for k in ("train", "val") if not raw.get(k)]
@@ -206,6 +209,8 @@ def load(yaml_path: str | Path) -> DatasetInfo:
         raise DatasetError(f"{yaml_path}: dataset folder {root} (from 'path:') does not exist")
     names = _names(raw, yaml_path)
     splits = {s: _images_in(root, raw[s], s, yaml_path) for s in ("train", "val")}
+    for image in (i for files in splits.values() for i in files):  # before anything hashes or decodes a name
+        paths.require_utf8(image, DatasetError, "image file")
     return DatasetInfo(
         yaml=yaml_path.resolve(), root=root, splits=splits, names=names, fingerprint=_fingerprint(splits), raw=raw
     )

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from detector.errors import DatasetError
+from detector import fileio
+from detector.errors import DatasetError, DiskFull
 
 CLASSES = ("circle", "square", "triangle", "cross")
 GENERATOR_VERSION = 1  # bump when the drawing code changes, so caches are rebuilt
@@ -127,37 +127,33 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 def generate(spec: SynthSpec, out_dir: Path, progress=None) -> Path:
     """Write the dataset under out_dir (images/, labels/, data.yaml) and return the YAML path.
 
-    Writes into a temporary sibling folder and renames it at the end, so an
+    Writes into a staging folder beside it and renames it at the end (detector.fileio), so an
     interrupted generation never leaves a half dataset that looks complete.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     total = spec.train_images + spec.val_images
     done = 0
     try:
-        for split, count in (("train", spec.train_images), ("val", spec.val_images)):
-            (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
-            (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                img, labels = draw_image(spec, split, i)
-                stem = f"{split}_{i:05d}"
-                cv2.imwrite(str(tmp / "images" / split / f"{stem}.png"), img)
-                lines = "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
-                (tmp / "labels" / split / f"{stem}.txt").write_text(lines)
-                done += 1
-                if progress:
-                    progress(done, total)
-        names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
-        (tmp / "data.yaml").write_text(
-            f"# detector built-in dataset, generated: {json.dumps(asdict(spec))}\n"
-            f"path: {out_dir.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n"
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with fileio.staged_dir(out_dir, durable=False) as tmp:  # each file below is already fsynced
+            for split, count in (("train", spec.train_images), ("val", spec.val_images)):
+                (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
+                (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    img, labels = draw_image(spec, split, i)
+                    stem = f"{split}_{i:05d}"
+                    fileio.encode_image(tmp / "images" / split / f"{stem}.png", img)
+                    lines = "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
+                    fileio.write_text(tmp / "labels" / split / f"{stem}.txt", lines)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+            names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
+            fileio.write_text(tmp / "data.yaml",
+                              f"# detector built-in dataset, generated: {json.dumps(asdict(spec))}\n"
+                              f"path: {out_dir.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    except DiskFull:
+        raise
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DatasetError(f"cannot write the built-in dataset to {out_dir}: {e.strerror or e}") from e
     return out_dir / "data.yaml"
 

@@ -10,19 +10,19 @@ never passes unnoticed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import json
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from detector import fileio
 from detector.deploy import parity
 from detector.data import sources
-from detector.errors import ExportError, ModelError, RunDirError, UsageError
+from detector.errors import DetectorError, DiskFull, ExportError, ModelError, RunDirError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Largest raw class-score difference accepted (scores are 0..1). float32 exports differ by about 1e-7 and
 # FP16 ones by about 1e-5; a difference this large means the export computes something else.
 SCORE_TOLERANCE = 0.01
+EXPORT_JSON = "export.json"
 
 
 @dataclass(frozen=True)
@@ -107,35 +108,109 @@ def run(config: ExportConfig) -> Path:
     files = parity_files(config, run_dir, model_defaults["data"])
     images = [sources.read(f) for f in files]  # an unreadable image stops us before exporting
 
+    dest = Path(config.out).expanduser() if config.out else weights.parent
+    with _staging(dest) as stage:
+        exported, export_s = _export_staged(weights, stage, dest, config, imgsz)
+        log.info(f"Checking parity on {len(files)} image(s) at conf {config.conf}...")
+        figures = compare(weights, exported, config.format, imgsz, files, images, config.conf, config.iou_match)
+        final = dest / exported.name
+        record = {
+            "format": config.format, "file": exported.name, "path": str(final.resolve()),
+            "weights": str(weights.resolve()), "run_dir": str(run_dir.resolve()) if run_dir else None,
+            "imgsz": imgsz, "opset": _onnx_opset(exported), "half": config.half, "dynamic": config.dynamic,
+            "simplify": config.simplify, "file_size_bytes": _size(exported),
+            "file_size_mb": round(_size(exported) / 2**20, 2), "export_s": round(export_s, 2),
+            **figures, "versions": checks.versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        fileio.write_json(stage / EXPORT_JSON, record)
+        _place(exported, stage / EXPORT_JSON, dest)
+    _report(record, config, dest / EXPORT_JSON)
+    return final
+
+
+@contextlib.contextmanager
+def _staging(dest: Path):
+    """A staging folder inside dest (created if need be): removed on the way out, with dest if this made it.
+
+    Ultralytics writes beside the weights it exports, so the export is made from a copy
+    in here; nothing appears under its own name in dest until export and export.json are
+    complete. A staging folder a killed export left behind is removed first.
+    """
+    created = [p for p in [dest, *dest.parents] if not p.exists()]
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create {dest}: {e.strerror or e}; pass a writable --out") from None
+    fileio.remove_stale(dest)
+    stage = fileio.staging_name(dest)
+    ok = False
+    try:
+        stage.mkdir()
+        yield stage
+        ok = True
+    except DiskFull as e:  # name the file in dest, not its staged copy
+        if e.filename and Path(e.filename).is_relative_to(stage):
+            raise fileio.disk_full(dest / Path(e.filename).relative_to(stage)) from None
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        for p in created if not ok else []:  # deepest first, and only when empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def _export_staged(weights: Path, stage: Path, dest: Path, config: ExportConfig, imgsz: int) -> tuple[Path, float]:
+    """Export a copy of weights inside stage; return the exported file (in stage) and the seconds it took.
+
+    Errors name the user's weights and destination, never the staging copy.
+    """
+    from detector.yolo import inference
+
     log.info(f"Exporting {weights} to {config.format} at imgsz {imgsz} (CPU)...")
     t0 = time.time()
+    source = stage / "source"
+    source.mkdir()
+    staged = source / weights.name
+    target = dest / f"{weights.stem}{_suffix(config.format)}"  # what a full disk is said to stop
+    try:
+        fileio.copy_file(weights, staged)
+    except DiskFull:
+        raise fileio.disk_full(target) from None
     options = {"half": config.half, "dynamic": config.dynamic, "simplify": config.simplify, "opset": config.opset}
-    if config.out:
-        # Ultralytics writes beside the weights it exports: export a staged copy, so an earlier
-        # export beside the original (and its export.json) is never overwritten.
-        out_dir = Path(config.out).expanduser()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as tmp:
-            staged = Path(tmp) / weights.name
-            shutil.copy2(weights, staged)
-            exported = _move(inference.export_model(staged, config.format, imgsz, **options), out_dir)
-    else:
-        exported = inference.export_model(weights, config.format, imgsz, **options)
-    export_s = time.time() - t0
+    try:
+        made = inference.export_model(staged, config.format, imgsz, **options)
+    except Exception as e:
+        if fileio.is_disk_full(e):  # the exporter's own writes: name the export as it will be called
+            raise fileio.disk_full(target) from None
+        if not isinstance(e, DetectorError):
+            raise
+        text = str(e).replace(str(staged), str(weights)).replace(str(source), str(dest)).replace(str(stage), str(dest))
+        raise type(e)(text) from None
+    exported = stage / made.name
+    fileio.rename(made, exported)
+    shutil.rmtree(source, ignore_errors=True)
+    return exported, time.time() - t0
 
-    log.info(f"Checking parity on {len(files)} image(s) at conf {config.conf}...")
-    figures = compare(weights, exported, config.format, imgsz, files, images, config.conf, config.iou_match)
-    record = {
-        "format": config.format, "file": exported.name, "path": str(exported.resolve()),
-        "weights": str(weights.resolve()), "run_dir": str(run_dir.resolve()) if run_dir else None,
-        "imgsz": imgsz, "opset": _onnx_opset(exported), "half": config.half, "dynamic": config.dynamic,
-        "simplify": config.simplify, "file_size_bytes": _size(exported),
-        "file_size_mb": round(_size(exported) / 2**20, 2), "export_s": round(export_s, 2),
-        **figures, "versions": checks.versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    out_json = _write_json(exported.parent / "export.json", record)
-    _report(record, config, out_json)
-    return exported
+
+def _suffix(fmt: str) -> str:
+    from detector.yolo import inference
+
+    return inference.export_formats().get(fmt, "")
+
+
+def _place(exported: Path, record: Path, dest: Path) -> None:
+    """Move the export and its export.json into dest, in the order that never pairs a record with another file.
+
+    The old export.json goes first, then the export, then the new export.json: a kill in
+    between leaves an export without a record, never a record that vouches for the wrong file.
+    """
+    old = dest / EXPORT_JSON
+    if old.exists():
+        old.unlink()
+        fileio.fsync_dir(dest)
+    fileio.move_into(exported, dest)
+    fileio.move_into(record, dest)
 
 
 def _report(record: dict, config: ExportConfig, out_json: Path) -> None:
@@ -234,19 +309,6 @@ def _timed(forward, tensors: list) -> tuple[list, float]:
     return outputs, round(statistics.median(times), 3)
 
 
-def _move(exported: Path, out_dir: Path) -> Path:
-    """Move the exported file or folder into out_dir, replacing an earlier export of the same name."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / exported.name
-    if target.resolve() == exported.resolve():
-        return exported
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    return Path(shutil.move(str(exported), str(target)))
-
-
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -261,10 +323,3 @@ def _onnx_opset(path: Path) -> int | None:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _write_json(path: Path, record: dict) -> Path:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import csv
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from detector import fileio
 from detector.data import sources
 from detector.deploy import coco
 from detector.errors import ModelError, UsageError
@@ -80,35 +80,49 @@ def run(config: PredictConfig) -> Path:
     if remap:
         remap.with_classes(model.names)
     out = Path(config.out or Path("predictions") / datetime.now().strftime("%Y%m%d-%H%M%S")).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, config, files, names, weights)
     log.info(f"Predicting {len(files)} image(s) with {weights} on {config.device}...")
     rows = []
-    for start in range(0, len(files), config.batch):
-        chunk = files[start:start + config.batch]
-        results = inference.predict(model, [sources.read(f) for f in chunk], config.conf, config.iou, config.imgsz,
-                               config.device)
-        for i, result in enumerate(results, start):
-            rows += detections(result, i, names[i])
-            if config.save_images:
-                _save_image(out / "images" / names[i], result["plot"])
-    rows = remap.apply(rows) if remap else rows
-    _write(out, rows)
+    with fileio.filling(out) as stage:  # moved into out once complete; a failure leaves nothing of this command
+        for start in range(0, len(files), config.batch):
+            chunk = files[start:start + config.batch]
+            results = inference.predict(model, [sources.read(f) for f in chunk], config.conf, config.iou,
+                                        config.imgsz, config.device)
+            for i, result in enumerate(results, start):
+                rows += detections(result, i, names[i])
+                if config.save_images:
+                    _save_image(stage / "images" / names[i], result["plot"])
+        rows = remap.apply(rows) if remap else rows
+        _write(stage, rows)
     log.info(f"{len(rows)} box(es) on {len(files)} image(s) above conf {config.conf}: "
              f"{out}/predictions.json, predictions.csv" + (", images/" if config.save_images else ""))
     return out
 
 
-def _save_image(path: Path, image) -> None:
-    import cv2
+def _check_out(out: Path, config: PredictConfig, files: list[Path], names: list[str], weights: Path) -> None:
+    """Refuse an --out that would write into the source folder, a dataset or another run, or over a source image."""
+    from detector import paths
 
+    source = Path(str(config.source)).expanduser()
+    written = [out, out / "images"] if config.save_images else [out]
+    paths.check_writes(written, [source] if source.is_dir() else [], allow_run=paths.enclosing_run(weights))
+    if config.save_images:
+        inputs = {f.resolve() for f in files}
+        hit = next((n for n in names if (out / "images" / n).resolve() in inputs), None)
+        if hit is not None:
+            raise UsageError(f"--out {paths.shown(out)} would overwrite the source image {paths.shown(out / 'images' / hit)}; "
+                             "choose another --out")
+
+
+def _save_image(path: Path, image) -> None:
+    # Encoded in memory (no libpng lines on a full disk); a suffix OpenCV cannot write is kept as PNG.
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):  # e.g. a suffix OpenCV cannot write: keep the picture as PNG
-        cv2.imwrite(str(path.with_suffix(".png")), image)
+    fileio.encode_image(path, image)
 
 
 def _write(out: Path, rows: list[dict]) -> None:
-    (out / "predictions.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+    fileio.write_json(out / "predictions.json", rows, indent=1)
+    with fileio.atomic(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for r in rows:

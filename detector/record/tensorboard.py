@@ -21,14 +21,13 @@ from __future__ import annotations
 import logging
 import json
 import math
-import os
-import shutil
 import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from detector import fileio
 from detector.errors import UsageError
 from detector.record import runs
 from detector.record.writer import EPOCH_METRICS
@@ -99,29 +98,15 @@ def write(run_dir: str | Path) -> dict:
     """Write RUN/tensorboard/ from the run's CSVs, replacing what was there; return counts of what was written."""
     require()
     run = runs.load(run_dir)
-    tmp = run.path / f".{TB_DIR}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with fileio.staged_dir(run.path / TB_DIR) as tmp:  # the old folder stays until the new one is complete
         counts = _write_events(run, tmp)
-        _swap_into_place(tmp, run.path / TB_DIR)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"path": run.path / TB_DIR, **counts}
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Replace target with tmp; the old folder is removed only once the new one is in place."""
-    old = target.with_name(f".{TB_DIR}.{os.getpid()}.old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_events(run: runs.Run, logdir: Path) -> dict:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    logdir.mkdir(parents=True)
+    logdir.mkdir(parents=True, exist_ok=True)
     start = _started(run.meta)
     writer = EventFileWriter(str(logdir))
     try:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+
+from detector import fileio
 
 RUN_JSON = "run.json"
 ITERATIONS_CSV = "iterations.csv"
@@ -56,14 +57,8 @@ def _fmt(value: Any) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Replace path with data as JSON so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace path with data as JSON so a reader never sees a half-written file (detector.fileio)."""
+    fileio.write_json(path, data)
 
 
 class _CsvLog:
@@ -103,13 +98,11 @@ class _CsvLog:
             text = text[: text.rfind("\n") + 1]
         rows = list(csv.DictReader(io.StringIO(text)))
         kept = [r for r in rows if None not in r and all(v is not None for v in r.values()) and predicate(r)]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with fileio.atomic(self.path, "w", newline="") as f:
             if self.columns:
                 f.write(",".join(self.columns) + "\n")
                 for r in kept:
                     f.write(",".join(r[c] for c in self.columns) + "\n")
-        os.replace(tmp, self.path)
         return kept
 
     def close(self) -> None:

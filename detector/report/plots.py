@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from detector import fileio  # noqa: E402
 from detector.report.analysis import batch_used, shared_loss_terms  # noqa: E402
 from detector.record.runs import Run, ema, smoothing_weight  # noqa: E402
 
@@ -44,8 +45,10 @@ def label(run: Run) -> str:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        fileio.save_figure(fig, path, dpi=DPI)  # drawn in memory, then written atomically
+    finally:
+        plt.close(fig)
     return path
 
 

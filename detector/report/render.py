@@ -9,9 +9,11 @@ writes that list twice (report.emit: Markdown and HTML).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+from detector import fileio
 from detector.errors import RunDirError
 from detector.record import runs
 from detector.report import emit, plots, sections
@@ -34,16 +36,30 @@ def default_out(run_dirs) -> Path:
 
 
 def compare(run_dirs, out_dir: str | Path) -> Path:
-    """Write report.html, report.md and plots/*.png comparing run_dirs into out_dir; return report.html."""
+    """Write report.html, report.md and plots/*.png comparing run_dirs into out_dir; return report.html.
+
+    Everything is drawn and written into a staging folder first and moved into out_dir
+    only once complete (detector.fileio.filling): a kill or a full disk leaves the
+    previous report whole, and a folder this call created is removed again.
+    """
     comp = analyse(load_runs(run_dirs))
     out = Path(out_dir).expanduser().resolve()
-    plot_dir = out / PLOTS_DIR
+    new = not out.exists()
     try:
-        plot_dir.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create report folder {out}: {e.strerror}; pass a writable --out") from e
-    comp.figures = plots.draw(comp.runs, comp.rows, plot_dir)
-    doc = sections.build(comp)
-    (out / REPORT_MD).write_text(emit.markdown(doc, out), encoding="utf-8")
-    (out / REPORT_HTML).write_text(emit.html(doc), encoding="utf-8")
+    try:
+        with fileio.filling(out) as stage:
+            plot_dir = stage / PLOTS_DIR
+            plot_dir.mkdir()
+            comp.figures = plots.draw(comp.runs, comp.rows, plot_dir)
+            doc = sections.build(comp)
+            fileio.write_text(stage / REPORT_MD, emit.markdown(doc, stage))
+            fileio.write_text(stage / REPORT_HTML, emit.html(doc))
+    except BaseException:
+        if new:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: this call made it and wrote nothing into it
+        raise
     return out / REPORT_HTML

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from detector import fileio
 from detector.config import TrainConfig
 from detector.record.writer import Recorder, now_iso, write_json_atomic
 
@@ -79,7 +80,7 @@ def execute(spec: RunSpec, node: str = "") -> dict:
     write_json_atomic(attempt / ATTEMPT_JSON, {"node": node, "host": platform.node(), "pid": os.getpid(),
                                                "started": time.time(), "resumed_from": str(source or "")})
     if is_completed(run_dir):  # trained to the end before, but its task was lost before putting it in place
-        (attempt / LOG).write_text(f"{source} had finished training; put in place without training again\n")
+        fileio.write_text(attempt / LOG, f"{source} had finished training; put in place without training again\n")
         code = 0
     else:
         code = _train(args, attempt / LOG)
@@ -159,7 +160,7 @@ def epochs_done(run_dir: Path) -> int:
 def _promote(folder: Path, name: str, attempt: Path, spec: RunSpec, node: str, source: Path | None) -> str:
     """Record the sweep in the finished run and rename it into place; drop every other attempt of it."""
     run_dir, final = attempt / name, folder / name
-    (attempt / LOG).replace(run_dir / LOG)
+    fileio.rename(attempt / LOG, run_dir / LOG)
     recorder = Recorder(run_dir)
     recorder.merge("config", sweep=spec.sweep, project=str(folder))
     recorder.update(placement={"backend": "ray", "node": node, "host": platform.node(),
@@ -168,8 +169,8 @@ def _promote(folder: Path, name: str, attempt: Path, spec: RunSpec, node: str, s
         shutil.rmtree(attempt, ignore_errors=True)
         return "skipped"
     if final.exists():  # an unfinished run of an earlier sweep: the finished one replaces it
-        final.rename(attempt / "replaced")
-    run_dir.rename(final)
+        fileio.rename(final, attempt / "replaced")
+    fileio.rename(run_dir, final)
     shutil.rmtree(folder / ATTEMPTS / name, ignore_errors=True)
     try:
         (folder / ATTEMPTS).rmdir()
@@ -215,7 +216,7 @@ def probe_storage(probe: str, token: str, node: str, data: str | None) -> str | 
     if seen != token:
         return f"it does not see {where.parent} (no driver marker there)"
     try:
-        (where / node).write_text(token, encoding="utf-8")
+        fileio.write_text(where / node, token)
     except OSError as e:
         return f"it cannot write to {where.parent}: {e.strerror}"
     if data is not None and not Path(data).exists():

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from detector import fileio
 from detector.config import TrainConfig
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.record.writer import Recorder, now_iso
@@ -125,7 +126,7 @@ def check_storage(ray, folder: Path, data: Path | None) -> int:
 
     probe, token = folder / attempts.STORAGE_PROBE, uuid.uuid4().hex
     probe.mkdir(exist_ok=True)
-    (probe / "driver").write_text(token, encoding="utf-8")
+    fileio.write_text(probe / "driver", token)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     task = ray.remote(attempts.probe_storage)
     try:
@@ -177,10 +178,15 @@ def run(config: SweepConfig, options: RayOptions) -> Path:
     if options.address not in (None, "auto"):
         _check_reachable(options.address)
     planned = sweep.plan(config)
-    from detector.yolo import checks
+    sweep.check_inputs(config, planned)
+    folder, lock = sweep.open_sweep(config)
+    try:
+        return _train_and_compare(ray, options, config, planned, folder)
+    finally:
+        lock.release()
 
-    checks.check_overrides({**config.template.overrides, **planned[0].overrides})
-    folder = sweep.open_sweep(config)
+
+def _train_and_compare(ray, options: RayOptions, config: SweepConfig, planned: list, folder: Path) -> Path:
     todo = [p for p in planned if not attempts.is_completed(folder / p.name)]
     for p in planned:
         if p not in todo:

@@ -17,7 +17,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from detector import runtime
+from detector import fileio, runtime
 from detector.weights.fetch import ProgressBar, WeightsError, download
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,14 @@ def fetch(name: str, progress=None) -> dict:
     got = download(url, cache_dir() / name, progress or ProgressBar(name))
     record = {"name": name, "url": got.url, "size": got.size, "sha256": got.sha256,
               "fetched": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    tmp = _sidecar(got.path).with_name(f".{name}.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, _sidecar(got.path))
+    fileio.write_json(_sidecar(got.path), record)
     return {**record, "path": str(got.path), "downloaded": True}
 
 
 def _check_name(name: str) -> None:
-    if Path(name).name != name or not name.endswith(".pt"):
+    """A weights name is a plain file name NAME.pt: no folder, and a stem that is not empty nor hidden."""
+    stem = name[: -len(".pt")] if name.endswith(".pt") else ""
+    if Path(name).name != name or "\\" in name or not stem or stem.startswith(".") or not stem.strip():
         raise WeightsError(f"{name!r} is not a weights name; pass a file name such as yolo11n.pt")
     if Path(name).stem.endswith(NOT_DETECTION):
         raise WeightsError(f"{name} is not a detection model; detector trains detectors (e.g. yolo11n.pt)")

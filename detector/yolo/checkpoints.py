@@ -10,31 +10,18 @@ new one, never part of one.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 
-TMP_SUFFIX = ".tmp"
+from detector import fileio
+
+TMP_SUFFIX = fileio.TMP_SUFFIX
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Replace path with data: temp file, fsync, rename (the old file stays whole if anything fails)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            e.filename = str(path)  # name the checkpoint the user knows, not the temporary file
-        raise
-    _fsync_dir(path.parent)
+    fileio.write_bytes(path, data)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -44,16 +31,6 @@ def save_atomic(obj, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes_atomic(path, buffer.getvalue())
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself must reach the disk, or a power cut could bring back the old name.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class AtomicTarget(type(Path())):
@@ -89,14 +66,15 @@ def strip_atomic(path: Path, updates: dict | None = None) -> dict:
     from ultralytics.utils.torch_utils import strip_optimizer
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.strip{TMP_SUFFIX}")
+    tmp = fileio.temp_name(path)
     try:
         out = strip_optimizer(path, s=str(tmp), updates=updates)
         if out:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fileio.rename(tmp, path)  # fsynced, then renamed over path
+    except Exception as e:  # torch.save says ENOSPC inside a RuntimeError's text
+        if fileio.is_disk_full(e) and not isinstance(e, fileio.DiskFull):
+            raise fileio.disk_full(path, e) from e
+        raise
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
