@@ -1,14 +1,15 @@
 """Benchmark: the gradient noise scale measured during training against the exhaustive value.
 
-Trains the built-in demo (nbs 16 = batch: accumulate 1, AdamW) at a tiny imgsz with
-the gradient meter on, and at the end of chosen epochs stops to measure B_simple at
-those live weights (tools/gradcheck.py): exhaustively over every training image
-(several shuffled passes at the training batch) and through the meter's own code at
-fixed weights (consecutive pairs, and accumulation groups). The epoch's in-training
-value (epochs.csv grad_noise_scale) averages over the epoch's changing weights.
+Trains the built-in demo (AdamW; nbs 16 = batch: accumulate 1, or --nbs 64: accumulate 4)
+at a tiny imgsz with the gradient meter on, and at the end of chosen epochs stops to
+measure B_simple at those live weights (tools/gradcheck.py): exhaustively over every
+training image (several shuffled passes at the training batch, with a 95% bootstrap
+interval) and through the meter's own code at fixed weights (each batch split in
+halves, and accumulation groups). The epoch's in-training value (epochs.csv
+grad_noise_scale, with its 90% interval) averages over the epoch's changing weights.
 
-    python tools/bench_gradnoise.py                         # built-in dataset, imgsz 64, 6 epochs
-    python tools/bench_gradnoise.py --epochs 10 --at 2,5,10 --passes 6
+    python tools/bench_gradnoise.py                         # built-in dataset, imgsz 64, 6 epochs, accumulate 1
+    python tools/bench_gradnoise.py --epochs 20 --at 6,20 --nbs 64
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def parse_args():
     ap.add_argument("--at", default="1,3,6", help="epochs at whose end B_simple is measured at fixed weights")
     ap.add_argument("--imgsz", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--nbs", type=int, default=None, help="nominal batch (default: the batch, so accumulate 1)")
     ap.add_argument("--passes", type=int, default=4, help="shuffled passes over the training set per measurement")
     ap.add_argument("--group", type=int, default=4, help="micro-batches per step in the accumulation check")
     return ap.parse_args()
@@ -64,7 +66,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         resolved = datasets.load(data_yaml).write_resolved(Path(tmp) / "data.yaml")
-        overrides = {**BUILTIN_OVERRIDES, "nbs": args.batch, "data": str(resolved), "model": "yolo11n.yaml",
+        overrides = {**BUILTIN_OVERRIDES, "nbs": args.nbs or args.batch, "data": str(resolved), "model": "yolo11n.yaml",
                      "epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "seed": 0, "workers": 0,
                      "plots": False, "project": tmp, "name": "run", "exist_ok": True, "verbose": False}
         (Path(tmp) / "run").mkdir()
@@ -82,24 +84,31 @@ def _f(v) -> str:
     return "–" if v in (None, "") else f"{float(v):.1f}"
 
 
+def _iv(low, high) -> str:
+    if low in (None, ""):
+        return "–"
+    return f"{float(low):.0f}–" + ("∞" if high in (None, "") else f"{float(high):.0f}")
+
+
 def report(args, data_yaml, rows: dict, measured: dict, wall: float) -> None:
-    print(f"\ndata={data_yaml} imgsz={args.imgsz} batch={args.batch} (accumulate 1) epochs={args.epochs} "
-          f"passes={args.passes}; training with checks took {wall:.0f} s")
-    print("| epoch | in training: B_simple (|G|², tr Σ) | fixed weights: exhaustive B_simple (|G|², tr Σ) | "
-          "meter, pairs | meter, groups of %d | in-training / exhaustive | pairs / exhaustive |" % args.group)
-    print("|---|---|---|---|---|---|---|")
+    nbs = args.nbs or args.batch
+    print(f"\ndata={data_yaml} imgsz={args.imgsz} batch={args.batch} nbs={nbs} (accumulate "
+          f"{max(round(nbs / args.batch), 1)}) epochs={args.epochs} passes={args.passes}; training with checks took "
+          f"{wall:.0f} s")
+    print("| epoch | in training: B_simple (90%) | exhaustive at the epoch's end: B_simple (95%) | meter at fixed "
+          "weights, halves (90%) | meter, groups of %d (90%%) | in training within the exhaustive interval |"
+          % args.group)
+    print("|---|---|---|---|---|---|")
     for e in sorted(rows):
         r, m = rows[e], measured.get(e)
-        cells = [str(e), f"{_f(r['grad_noise_scale'])} ({_f(r['grad_norm_sq'])}, {_f(r['grad_trace_sigma'])})"]
+        cells = [str(e), f"{_f(r['grad_noise_scale'])} ({_iv(r.get('grad_noise_scale_low'), r.get('grad_noise_scale_high'))})"]
         if m:
-            ex = m["exact_b_simple"]
-            ratio = (float(r["grad_noise_scale"]) / ex) if ex and r["grad_noise_scale"] else None
-            pr = m["pair_b_simple"] / ex if ex and m["pair_b_simple"] else None
-            cells += [f"{_f(ex)} ({_f(m['exact_g2'])}, {_f(m['exact_trace'])})", _f(m["pair_b_simple"]),
-                      _f(m["acc_b_simple"]), "–" if ratio is None else f"{ratio:.2f}",
-                      "–" if pr is None else f"{pr:.2f}"]
+            v, lo, hi = r["grad_noise_scale"], m["exact_low"], m["exact_high"]
+            inside = "–" if v in (None, "") else ("yes" if lo <= float(v) and (hi is None or float(v) <= hi) else "no")
+            cells += [f"{_f(m['exact_b_simple'])} ({_iv(lo, hi)})", f"{_f(m['split_b_simple'])} ({_iv(*m['split_interval'])})",
+                      f"{_f(m['acc_b_simple'])} ({_iv(*m['acc_interval'])})", inside]
         else:
-            cells += [""] * 5
+            cells += [""] * 4
         print("| " + " | ".join(cells) + " |")
 
 

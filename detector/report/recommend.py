@@ -119,7 +119,7 @@ def _not_learned(runs: list[Run], rows: list[dict], why: str, evidence: list[str
     loss = {True: "the training loss was still falling at the last epoch", None: "the training loss trend is unknown",
             False: "the training loss had stopped falling (more epochs alone may not help: check the learning rate "
                    "and the data)"}[falling]
-    return Recommendation("not_learned", f"No recommendation: {why}. {seen[0].upper() + seen[1:]}; {loss}. The "
+    return Recommendation("not_learned", f"No recommendation: {why}. In these runs {seen}; {loss}. The "
                           f"command below trains the same batch sizes for {more} epochs with three seeds.",
                           evidence, settle_command(runs, rows, epochs=more))
 
