@@ -95,7 +95,7 @@ def test_train_logs_params_every_row_and_files_to_a_tracking_server(server, tiny
     # the effective config and the batch decision
     assert run.data.params["batch.chosen"] == "16" and run.data.params["epochs"] == "2"
     assert run.data.params["batch.reason"] == meta["batch"]["reason"][:6000]
-    assert run.data.params["ultralytics.imgsz"] == "64" and run.data.tags["detector.batch_used"] == "16"
+    assert run.data.params["ultralytics.imgsz"] == "64" and run.data.tags["batch_used"] == "16"
     # every iteration's losses and lr at step = iteration; every epoch's metrics at step = epoch
     iterations = read_csv_rows(run_dir / "iterations.csv")
     for key in ("iteration/loss", "iteration/box_loss", "iteration/cls_loss", "iteration/dfl_loss", "iteration/lr"):
@@ -134,7 +134,7 @@ def test_sweep_logs_each_run_and_the_report_to_a_sqlite_store(tiny_data, tmp_pat
     assert {a.path for a in client.list_artifacts(sweep_id)} >= {"report.html", "report.md", "sweep.json"}
     for name in ("b8-s0", "b16-s0"):
         run = runs[name]
-        assert run.data.tags["mlflow.parentRunId"] == sweep_id and run.data.tags["detector.sweep"] == "sw"
+        assert run.data.tags["mlflow.parentRunId"] == sweep_id and run.data.tags["sweep"] == "sw"
         assert run.data.params["batch.chosen"] == name[1:].split("-")[0]
         assert json.loads((tmp_path / "sw" / name / "run.json").read_text())["mlflow"]["run_id"] == run.info.run_id
     # artifacts sit beside the store, not in whatever folder the process ran in
@@ -198,6 +198,6 @@ def test_tracking_uri_means_what_the_user_means(tmp_path, monkeypatch):
 
 
 def test_nothing_imports_mlflow_unless_asked():
-    code = ("import sys, detector, detector.train.run, detector.train.sweep; "
+    code = ("import sys, detector, detector.api, detector.train.run, detector.train.sweep; "
             "assert 'mlflow' not in sys.modules, 'mlflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

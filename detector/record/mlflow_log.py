@@ -260,10 +260,10 @@ class Tracking:
 
 
 def _tags(meta: dict, run_dir: Path) -> dict:
-    tags = {"detector.run_dir": str(run_dir), "mlflow.source.name": "detector"}
+    tags = {"run_dir": str(run_dir), "mlflow.source.name": "detector"}
     sweep = (meta.get("config") or {}).get("sweep") or {}
     if sweep.get("sweep"):
-        tags["detector.sweep"] = str(sweep["sweep"])
+        tags["sweep"] = str(sweep["sweep"])
     return {k: v for k, v in tags.items() if v}
 
 
@@ -290,7 +290,7 @@ def finish(logger: MlflowLogger | None, recorder) -> None:
             log_files(logger.client, logger.run_id, recorder.run_dir)
             used = (meta.get("batch") or {}).get("used")
             if used is not None:
-                logger.client.set_tag(logger.run_id, "detector.batch_used", str(used))
+                logger.client.set_tag(logger.run_id, "batch_used", str(used))
         logger.client.set_terminated(logger.run_id, STATUS.get(meta.get("status"), "FAILED"))
     except Exception as e:
         logger.error = _one_line(e)
@@ -320,9 +320,9 @@ def log_sweep(uri: str, folder: Path, run_dirs: list[Path]) -> str | None:
         mc = client(uri)
         with _fail_fast():
             eid = experiment_id(mc, uri)
-        found = mc.search_runs([eid], filter_string=f"tags.`detector.sweep_dir` = '{folder}'", max_results=1)
+        found = mc.search_runs([eid], filter_string=f"tags.sweep_dir = '{folder}'", max_results=1)
         run_id = found[0].info.run_id if found else mc.create_run(
-            eid, run_name=folder.name, tags={"detector.sweep_dir": str(folder), "mlflow.source.name": "detector"}
+            eid, run_name=folder.name, tags={"sweep_dir": str(folder), "mlflow.source.name": "detector"}
         ).info.run_id
         for name in ("report.html", "report.md", "sweep.json"):
             if (folder / name).is_file():
