@@ -195,7 +195,7 @@ def rename(source: str | Path, dest: str | Path) -> Path:
     source, dest = Path(source), Path(dest)
     try:
         if source.is_file() and not source.is_symlink():
-            with open(source, "rb+") as f:
+            with open(source, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(source, dest)
     except OSError as e:

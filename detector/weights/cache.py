@@ -130,7 +130,7 @@ def listing() -> list[dict]:
     if not folder.is_dir():
         return []
     out = []
-    for path in sorted(folder.glob("*.pt")):
+    for path in sorted(p for p in folder.glob("*.pt") if not p.name.startswith(".")):  # temporaries, old strays
         known = origin(path)
         out.append({"name": path.name, "path": str(path), "size": path.stat().st_size,
                     "sha256": sha256(path), "url": known.get("url"),
