@@ -130,6 +130,9 @@ def test_sweep_logs_each_run_and_the_report_to_a_sqlite_store(tiny_data, tmp_pat
     experiment = client.get_experiment_by_name("detector")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"sw", "b8-s0", "b16-s0"}
+    # Ultralytics' own MLflow callback stays off (hermetic runtime): no experiment or run of its own
+    assert {e.name for e in client.search_experiments()} <= {"Default", "detector"}
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 3
     sweep_id = runs["sw"].info.run_id
     assert {a.path for a in client.list_artifacts(sweep_id)} >= {"report.html", "report.md", "sweep.json"}
     for name in ("b8-s0", "b16-s0"):

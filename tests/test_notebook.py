@@ -63,6 +63,7 @@ def test_quickstart_notebook_runs_and_shows_runs_tables_and_the_report(kernel_en
     train, shown, epochs, iterations, opened, compared = code
     # training: one line per epoch from the record, none of Ultralytics' per-iteration bars
     text = stream(train)
+    print(text)  # shown with -s: what a notebook user sees while the cell trains
     assert "nb-b16 epoch 1/2:" in text and "nb-b16 epoch 2/2:" in text, text
     assert "it/s" not in text and len(text.splitlines()) < 20, text
     assert "data:image/png;base64," in outputs(shown, "text/html")[0]
