@@ -26,15 +26,49 @@ def densest_labels(data: datasets.DatasetInfo) -> int:
     figure = (data.check or {}).get("max_boxes_per_image")
     if figure is not None:
         return int(figure)
-    most = 0
+    counts = label_counts(data)
+    return max((max(c, default=0) for c in counts.values()), default=0)
+
+
+def label_counts(data: datasets.DatasetInfo) -> dict[str, list[int]]:
+    """Boxes per image, per split ("train", "val"); an image without a label file is background (0)."""
+    out = {}
     for split in ("train", "val"):
+        counts = []
         for image in data.splits.get(split, []):
             try:
                 text = datasets.label_path(Path(image)).read_bytes()
             except OSError:
-                continue  # an image without a label file is background
-            most = max(most, sum(1 for line in text.splitlines() if line.strip()))
-    return most
+                counts.append(0)
+                continue
+            counts.append(sum(1 for line in text.splitlines() if line.strip()))
+        out[split] = counts
+    return out
+
+
+def box_load(counts: dict[str, list[int]], overrides: dict, seed: int = 0) -> dict[str, int]:
+    """Boxes per image the memory model plans with, from the dataset's real counts.
+
+    The loss pads every image of a batch to the batch's densest, and reserved memory keeps the
+    largest batch, so what counts is the densest training image of an epoch. With mosaic each training
+    image holds four random images' boxes (x2 more with mixup/cutmix): `train` is the densest such
+    image over one epoch of draws (median of 5 seeded epochs), `train_high` the four densest images
+    together (the worst mosaic possible). Validation images are not augmented: `val` and `val_high`
+    are the densest validation image.
+    """
+    import numpy as np
+
+    train = np.asarray(counts.get("train") or [0])
+    val = counts.get("val") or [0]
+    tiles = facts.MOSAIC_BOX_FACTOR if float(overrides.get("mosaic", 1.0) or 0) > 0 else 1
+    mix = facts.MIX_BOX_FACTOR if (float(overrides.get("mixup", 0.0) or 0) > 0 or
+                                   float(overrides.get("cutmix", 0.0) or 0) > 0) else 1
+    rng = np.random.default_rng(seed)
+    n = len(train)
+    epochs = [int(train[rng.integers(0, n, size=(n, tiles * mix))].sum(1).max()) for _ in range(5)]
+    high = int(np.sort(train)[::-1][:tiles].sum()) * mix
+    return {"train": max(int(np.median(epochs)), 1), "train_high": max(high, 1),
+            "val": max(max(val), 1), "val_high": max(max(val), 1)}
 
 
 def label_load(densest: int, overrides: dict) -> tuple[int, int]:
@@ -70,7 +104,8 @@ def _probe_and_decide(config: TrainConfig, data) -> batching.BatchDecision:
     log.info(f"probing batch sizes {', '.join(map(str, opts.candidates))} on {name} at imgsz {imgsz} with "
              f"{train_labels} boxes per training image (densest image: {densest})...")
     model = checks.check_model(config.model)
-    predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates)
+    load = box_load(label_counts(data), config.overrides)
+    predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates, load)
     skipped = skip_by_prediction(predicted, budget)
     for c in skipped:
         log.info(f"not probing batch {c}: the memory model predicts {predicted[c]:.2f} GB, over {SKIP_FACTOR:g} x the "
@@ -96,24 +131,33 @@ def _probe_and_decide(config: TrainConfig, data) -> batching.BatchDecision:
 SKIP_FACTOR = 1.5
 
 
-def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, candidates) -> dict[int, float]:
-    """The memory model's peak reserved GiB per candidate (training or validation), or {} when it cannot run."""
+def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, candidates,
+                    load: dict | None = None) -> dict[int, float]:
+    """The memory model's upper bound of reserved GiB per candidate (any epoch), or {} when it cannot run."""
     try:
-        settings = memory_settings(config, model, nc, imgsz, densest)
-        return {p.batch: p.peak_gb for p in predict_candidates(settings, candidates)}
+        settings = memory_settings(config, model, nc, imgsz, densest, load)
+        return {p.batch: p.peak_gb_high for p in predict_candidates(settings, candidates)}
     except Exception as e:  # noqa: BLE001  the prediction only advises the probe: never fail a training over it
         log.info(f"memory model unavailable ({type(e).__name__}: {e}); probing every candidate")
         return {}
 
 
-def memory_settings(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int):
-    """The memory model's settings for a training config: amp, optimizer and the probe's label load."""
+def memory_settings(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, load: dict | None = None,
+                    train_images: int = 0, val_images: int = 0):
+    """The memory model's settings for a training config: amp, optimizer and the label load.
+
+    `load` is box_load's figures from the dataset's real counts; without it every image carries the
+    densest image's boxes (x4 for mosaic), typical and worst alike, as the probe assumes.
+    """
     from detector.yolo import memory
 
     train_boxes, val_boxes = label_load(densest, config.overrides)
+    load = load or {"train": train_boxes, "train_high": train_boxes, "val": val_boxes, "val_high": val_boxes}
     return memory.MemorySettings(model=model, nc=nc, imgsz=imgsz, amp=memory.parse_amp(config.overrides.get("amp", True)),
                                  optimizer=memory.parse_optimizer(config.overrides.get("optimizer", "auto")),
-                                 train_boxes=train_boxes, val_boxes=val_boxes, nbs=config.nbs)
+                                 train_boxes=load["train"], val_boxes=load["val"], nbs=config.nbs,
+                                 train_boxes_high=load["train_high"], val_boxes_high=load["val_high"],
+                                 train_images=train_images, val_images=val_images)
 
 
 def predict_candidates(settings, candidates) -> list:
@@ -125,7 +169,7 @@ def predict_candidates(settings, candidates) -> list:
 
 
 def skip_by_prediction(predicted: dict[int, float], budget_gb: float) -> set[int]:
-    """Candidates the model puts above SKIP_FACTOR x the budget, and every larger one (memory grows with batch)."""
+    """Candidates whose upper bound is above SKIP_FACTOR x the budget, and every larger one (memory grows with batch)."""
     over = [c for c, gb in predicted.items() if gb > SKIP_FACTOR * budget_gb]
     return {c for c in predicted if over and c >= min(over)}
 

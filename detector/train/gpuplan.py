@@ -57,6 +57,9 @@ class GpuPlan:
             fits = {_key(s): _fits(self.decisions[s], p.batch) for s in self.sizes}
             rows.append({"batch": p.batch, "predicted_train_gb": round(p.train_gb, 3),
                          "predicted_val_gb": round(p.val_gb, 3), "predicted_peak_gb": round(p.peak_gb, 3),
+                         "predicted_train_gb_high": round(p.train_gb_high, 3),
+                         "predicted_val_gb_high": round(p.val_gb_high, 3),
+                         "predicted_peak_gb_high": round(p.peak_gb_high, 3), "high_causes_gb": p.causes,
                          "predicted_train_allocated_gb": round(p.train_allocated_gb, 3),
                          "predicted_val_allocated_gb": round(p.val_allocated_gb, 3),
                          "breakdown_gb": p.breakdown, "fits": fits, "seconds": p.seconds})
@@ -80,15 +83,17 @@ def plan(config: TrainConfig, sizes, classes: int | None = None, boxes: int | No
     from detector.train import autobatch
 
     check_counts(classes, boxes)
-    names, n_images, densest, config, model = _dataset_facts(config, classes, boxes)
+    names, n_images, densest, config, model, load = _dataset_facts(config, classes, boxes)
     opts = config.batch
     imgsz = facts.largest_training_imgsz(config.imgsz or 640, config.overrides)
-    settings = autobatch.memory_settings(config, model, classes or len(names), imgsz, densest)
+    settings = autobatch.memory_settings(config, model, classes or len(names), imgsz, densest, load)
     if not n_images:
         log.info(f"--classes {classes} and --boxes-per-image {boxes} given: the dataset is not read")
+    where = ("the densest training image of an epoch, from the dataset's counts" if load else
+             f"{densest} on the densest image{', x4 for mosaic' if settings.train_boxes > densest else ''}")
     log.info(f"model {config.model} at imgsz {imgsz}, {settings.nc} classes, {settings.train_boxes} boxes per training "
-             f"image ({densest} on the densest image{', x4 for mosaic' if settings.train_boxes > densest else ''}), "
-             f"amp {settings.amp}, optimizer {settings.optimizer}: predicting {len(opts.candidates)} candidates...")
+             f"image ({where}; worst {settings.train_boxes_high}), amp {settings.amp}, optimizer {settings.optimizer}: "
+             f"predicting {len(opts.candidates)} candidates...")
     started = time.perf_counter()
     predictions = autobatch.predict_candidates(settings, opts.candidates)
     seconds = time.perf_counter() - started
@@ -98,16 +103,21 @@ def plan(config: TrainConfig, sizes, classes: int | None = None, boxes: int | No
                  for s in sizes}
     info = {"model": config.model, "imgsz": imgsz, "classes": settings.nc, "densest_image_boxes": densest,
             "train_boxes_per_image": settings.train_boxes, "val_boxes_per_image": settings.val_boxes,
+            "train_boxes_per_image_high": settings.train_boxes_high, "box_statistics": "dataset" if load else "densest",
             "amp": settings.amp, "optimizer": settings.optimizer, "train_images": n_images,
             "seconds": round(seconds, 2)}
     return GpuPlan(predictions, CUDA_CONTEXT_GB, tuple(sizes), opts.safety, decisions, info)
 
 
 def decide_for_size(predictions, size: float, safety: float, candidates, n_images: int, nbs: int, imgsz: int):
-    """batching.decide_gpu on a GPU of `size` GB fed with predictions; the error text when nothing fits."""
+    """batching.decide_gpu on a GPU of `size` GB fed with the upper bounds; the error text when nothing fits.
+
+    The bound, not the typical figure, decides: a typical figure that fits can still run out of memory
+    in the epoch with the densest batches.
+    """
     from detector.yolo.memory import CUDA_CONTEXT_GB
 
-    measured = [batching.Measurement(p.batch, p.train_gb, p.val_gb, None,
+    measured = [batching.Measurement(p.batch, max(p.train_gb_high, p.train_gb), max(p.val_gb_high, p.val_gb), None,
                                      max(p.train_allocated_gb, p.val_allocated_gb)) for p in predictions]
     try:
         return batching.decide_gpu(measured, size, safety, candidates, n_images, nbs, baseline_gb=CUDA_CONTEXT_GB,
@@ -129,28 +139,40 @@ def _dataset_facts(config: TrainConfig, classes, boxes):
         config = with_builtin_defaults(replace(config, overrides=checks.expand_cfg(config.overrides)))
         checks.check_overrides(config.overrides)
         model = checks.check_model(config.model)
-        return [str(i) for i in range(classes)], 0, boxes, config, model
+        return [str(i) for i in range(classes)], 0, boxes, config, model, None
     config, data, model = prepare(config)
+    load = None
+    if boxes is None:  # the dataset's real counts: the densest image, and what mosaic makes of the distribution
+        load = autobatch.box_load(autobatch.label_counts(data), config.overrides)
     densest = boxes if boxes is not None else autobatch.densest_labels(data)
     log.info(f"dataset {data.yaml}: {data.train_images} training images, {len(data.names)} classes, "
              f"densest image {densest} boxes")
-    return list(data.names), data.train_images, densest, config, model
+    return list(data.names), data.train_images, densest, config, model, load
 
 
 def describe(result: GpuPlan) -> str:
-    """The plan as text: predicted GiB per candidate, fits per GPU size, then the choice per size."""
+    """The plan as text: typical - worst GiB per candidate, fits per GPU size, what drives the worst, the choice."""
     sizes = [f"{s:g} GB" for s in result.sizes]
-    head = ["batch", "train GB", "val GB (2x)", "peak GB", *sizes]
+    head = ["batch", "train GB", "val GB (2x)", "peak GB (typical - worst)", *sizes]
     lines = [head]
     doc = result.to_json()
     for row in doc["candidates"]:
-        lines.append([str(row["batch"]), f"{row['predicted_train_gb']:.2f}", f"{row['predicted_val_gb']:.2f}",
-                      f"{row['predicted_peak_gb']:.2f}", *("fits" if row["fits"][_key(s)] else "no"
-                                                          for s in result.sizes)])
+        lines.append([str(row["batch"]), _span(row["predicted_train_gb"], row["predicted_train_gb_high"]),
+                      _span(row["predicted_val_gb"], row["predicted_val_gb_high"]),
+                      _span(row["predicted_peak_gb"], row["predicted_peak_gb_high"]),
+                      *("fits" if row["fits"][_key(s)] else "no" for s in result.sizes)])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     out = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines]
+    if doc["candidates"]:
+        top = doc["candidates"][-1]
+        causes = ", ".join(f"{k} +{v:.2f}" for k, v in top["high_causes_gb"].items() if v >= 0.005)
+        out.append(f"worst - typical at batch {top['batch']}: {causes or 'nothing'} GB (the fit test uses the worst)")
     out.append(f"GB are GiB of reserved memory (torch.cuda.memory_reserved); the fit test adds {result.context_gb:.2f} "
                f"GB of CUDA context and allows {result.safety:.0%} of each GPU")
     for s, d in result.decisions.items():
         out.append(f"{s:g} GB: " + (f"batch {d.chosen}" if isinstance(d, batching.BatchDecision) else f"none ({d})"))
     return "\n".join(out)
+
+
+def _span(typical: float, high: float) -> str:
+    return f"{typical:.2f} - {high:.2f}"

@@ -13,8 +13,9 @@ settings, one stream, no expandable segments):
 - a request takes the smallest cached free block of its pool that is large
   enough (best fit; ties by address) and splits it when the rest is at least
   512 bytes (small pool) or more than 1 MiB (large pool);
-- a freed block merges with free neighbours of its segment; segments are never
-  returned (no empty_cache), so reserved memory only grows.
+- a freed block merges with free neighbours of its segment; segments are
+  returned only by `empty_cache` (torch.cuda.empty_cache: every segment with no
+  allocated block), so until then reserved memory only grows.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class CachingAllocator:
     def reset_peak(self) -> None:
         """As torch.cuda.reset_peak_memory_stats: the peaks restart from the current figures."""
         self.peak_reserved, self.peak_allocated = self.reserved, self.allocated
+
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): give back every segment that holds no allocated block."""
+        for key in [k for k, b in self._free.items() if b.prev is None and b.next is None]:
+            block = self._free[key]
+            self._remove_free(block, self._small_segment[block.segment])
+            self.reserved -= block.size
 
     def malloc(self, key: int, nbytes: int) -> None:
         """Allocate `nbytes` for allocation `key` (later freed by the same key)."""

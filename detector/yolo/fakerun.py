@@ -44,6 +44,7 @@ class Trace:
 
     events: list = field(default_factory=list)  # (bytes, storage id, phase); bytes < 0 is a release
     val_start: int | None = None  # index of the first validation event
+    iter2_start: int | None = None  # index of the first event of the second training iteration
     grads: set = field(default_factory=set)
     state: set = field(default_factory=set)
 
@@ -173,8 +174,10 @@ def _train(model, ema, spec: StepSpec, tracker: StorageTracker, planner):
     keep_grads = facts.accumulate(spec.batch, spec.nbs) > 1
     pairs = ema_pairs(ema, model)
     for it in range(2):
+        if it == 1:
+            out.iter2_start = len(tracker.trace)
         if planner is not None:
-            planner.stage = "loss"
+            planner.stage, planner.boxes = "loss", spec.boxes
         tracker.phase = "batch"
         batch = _batch(spec.batch, spec.imgsz, spec.boxes, nc)
         tracker.phase = "forward"
@@ -224,8 +227,8 @@ def _validate(ema, spec: StepSpec, tracker: StorageTracker, planner) -> None:
     # no_grad, not the validator's inference_mode: the same storages, but under inference_mode the
     # head's scalar stride reaches the fake mode as a data-dependent read the planner cannot answer.
     with torch.no_grad():
-        if planner is not None:
-            planner.stage = "loss"
+        if planner is not None:  # the validation images carry their own (unaugmented) box counts
+            planner.stage, planner.boxes = "loss", max(spec.val_boxes, 1)
         tracker.phase = "val_batch"
         nc = ema.model[-1].nc
         batch = _batch(n, spec.imgsz, spec.val_boxes, nc, half=dtype is not None)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from detector import facts
 from detector.config import DEFAULT_MODEL
 from detector.errors import ModelError, UsageError
-from detector.yolo import fakerun
-from detector.yolo.allocator import CachingAllocator
+from detector.yolo import fakerun, memcauses as causes, memscale
+from detector.yolo.allocator import CachingAllocator, round_size
 from detector.yolo.tracking import Planner
 
 GIB = 2**30
@@ -50,26 +50,45 @@ class MemorySettings:
     imgsz: int = 640
     amp: str = "on"  # "on" (fp16), "bf16" or "off"
     optimizer: str = "AdamW"  # SGD keeps one state tensor per weight, the Adam family two
-    train_boxes: int = 4  # per training image, mosaic included
+    train_boxes: int = 4  # per training image, mosaic included: the densest batch of a typical epoch
     val_boxes: int = 1
     nbs: int = facts.NBS
+    train_boxes_high: int | None = None  # the densest training batch the run can meet (None: train_boxes)
+    val_boxes_high: int | None = None
+    ultralytics: str = ""  # the version that trains ("" = the installed one); its epoch-end cache rule
+    total_gb: float | None = None  # the GPU's memory, for 8.3's "empty the cache above half" rule
+    train_images: int = 0  # 0 = unknown: a batch larger than the dataset holds only the dataset
+    val_images: int = 0
 
 
 @dataclass(frozen=True)
 class MemoryPrediction:
-    """Predicted GiB for one batch: reserved (what runs out) and allocated, training and validation at 2x."""
+    """Predicted GiB for one batch: reserved (what runs out) and allocated, training and validation at 2x.
+
+    Typical figures assume the settings' box counts and the installed Ultralytics' cache rules; the
+    `_high` figures are the worst epoch: the densest batches, shapes that change between batches
+    (fragmentation), validation's cache never given back, and a large cuDNN workspace (see causes).
+    """
 
     batch: int
     train_gb: float  # peak reserved during the training iterations
-    val_gb: float  # peak reserved during validation at 2 x batch (the cache training left included)
+    val_gb: float  # peak reserved in validation at 2 x batch and the next epoch's training on its cache
     train_allocated_gb: float
     val_allocated_gb: float
     breakdown: dict = field(default_factory=dict)  # GiB at the training peak, by category
     seconds: float = 0.0
+    later_gb: float = 0.0  # reserved at the end of the next epoch: training after validation (GPU_mem from epoch 2)
+    train_gb_high: float = 0.0
+    val_gb_high: float = 0.0
+    causes: dict = field(default_factory=dict)  # GiB the worst case adds, by cause
 
     @property
     def peak_gb(self) -> float:
-        return max(self.train_gb, self.val_gb)
+        return max(self.train_gb, self.val_gb, self.later_gb)
+
+    @property
+    def peak_gb_high(self) -> float:
+        return max(self.train_gb_high, self.val_gb_high)
 
 
 def parse_amp(value) -> str:
@@ -97,7 +116,7 @@ def parse_optimizer(value) -> str:
 
 
 class MemoryModel:
-    """Predictions for one model and settings, any batch: the model is built once and reused."""
+    """Predictions for one model and settings, any batch: the model is built once, traced twice, then rescaled."""
 
     def __init__(self, settings: MemorySettings):
         self.settings = settings
@@ -110,52 +129,121 @@ class MemoryModel:
         strides = fakerun.level_strides(self._model)
         self._anchors = fakerun.anchors_per_box(settings.imgsz, strides, BOX_FRACTION)
         self._prepared = fakerun.Prepared(self._model, fake=True)
+        self._family = None
 
-    def predict(self, batch: int) -> MemoryPrediction:
-        """Trace two training iterations and one validation batch at `batch` on fake tensors, then replay them."""
+    def trace(self, batch: int, boxes: int, val_boxes: int) -> fakerun.Trace:
+        """One fake run: two training iterations and a validation batch at 2 x batch."""
         s = self.settings
-        started = time.perf_counter()
-        spec = fakerun.StepSpec(batch=batch, imgsz=s.imgsz, boxes=s.train_boxes, val_boxes=s.val_boxes, amp=s.amp,
+        spec = fakerun.StepSpec(batch=batch, imgsz=s.imgsz, boxes=boxes, val_boxes=val_boxes, amp=s.amp,
                                 optimizer=s.optimizer, nbs=s.nbs)
         with _quiet():
-            trace = fakerun.run(self._prepared, spec, Planner(s.train_boxes, self._anchors), fake=True)
-        return replay(trace, batch, time.perf_counter() - started)
+            return fakerun.run(self._prepared, spec, Planner(boxes, self._anchors), fake=True)
+
+    def family(self) -> memscale.TraceFamily:
+        """The two reference traces, made once: every batch and box count is a rescaling of them."""
+        if self._family is None:
+            s, b = self.settings, REFERENCE_BATCH
+            k, v = max(s.train_boxes, 1), max(s.val_boxes, 1)
+            self._family = memscale.TraceFamily.from_traces(
+                self.trace(b, k, v), self.trace(memscale.BATCH_STEP * b, memscale.BOX_STEP * k,
+                                                memscale.BOX_STEP * v), b, k, v)
+        return self._family
+
+    def predict(self, batch: int, train_boxes: int | None = None, val_boxes: int | None = None) -> MemoryPrediction:
+        """Typical and worst-case reserved GiB at `batch` (box counts default to the settings')."""
+        s = self.settings
+        started = time.perf_counter()
+        fam = self.family()
+        k, v = train_boxes or s.train_boxes, val_boxes or s.val_boxes
+        kh, vh = max(s.train_boxes_high or k, k), max(s.val_boxes_high or v, v)
+        b = min(batch, s.train_images) if s.train_images else batch
+        vb = min(facts.val_batch(batch), s.val_images) if s.val_images else facts.val_batch(batch)
+        typical = fam.events(b, k, v)
+        val = fam.events(vb / 2, k, v) if vb != 2 * b else typical
+        rule = causes.cache_rule(s.ultralytics)
+        total = s.total_gb * GIB if s.total_gb else None
+        typ = simulate(fam.base, typical, val, typical, rule, total)
+        dense = fam.events(b, kh, vh)
+        dense_val = fam.events(vb / 2, kh, vh) if vb != 2 * b else dense
+        # The worst epoch: typical batches first, then the densest ones, on a cache validation filled and
+        # nobody emptied: the shapes change under a fragmented cache.
+        worst = simulate(fam.base, typical, dense_val, dense, causes.NEVER, None)
+        workspace = causes.cudnn_workspace_high(fam.base, typical)
+        t_high = max(worst["again"], typ["train"]) / GIB + workspace / GIB
+        v_high = max(worst["val"], worst["again"], typ["val"], typ["again"]) / GIB + workspace / GIB
+        drivers = {"dense batches and changing shapes": max(worst["again"] - typ["train"], 0) / GIB,
+                   "validation's cache kept": max(worst["val"] - typ["train"], 0) / GIB,
+                   "cuDNN workspace": workspace / GIB}
+        return MemoryPrediction(
+            batch=batch, train_gb=typ["train"] / GIB, val_gb=max(typ["val"], typ["again"]) / GIB,
+            train_allocated_gb=typ["train_allocated"] / GIB, val_allocated_gb=typ["val_allocated"] / GIB,
+            breakdown=typ["breakdown"], seconds=round(time.perf_counter() - started, 2),
+            later_gb=typ["again"] / GIB, train_gb_high=t_high, val_gb_high=v_high,
+            causes={k: round(x, 3) for k, x in drivers.items()})
 
 
-def replay(trace: fakerun.Trace, batch: int, seconds: float = 0.0) -> MemoryPrediction:
-    """Reserved and allocated peaks of a trace through the caching allocator, and the breakdown at the training peak."""
+REFERENCE_BATCH = 4  # the reference traces run at 4 and 8 images (validation 8 and 16)
+
+
+def simulate(base, first: list, val: list | None, again: list, rule: str, total: float | None) -> dict:
+    """One epoch and the start of the next through the caching allocator, as the trainer runs them.
+
+    `first`, `val` and `again` are event lists aligned with `base` (a fakerun.Trace): the training
+    iterations of epoch 1, the validation pass, and the training of the next epoch (its second
+    iteration, replayed on the cache validation left). `rule` is when Ultralytics empties the cache
+    (causes.cache_rule). Bytes: train/val peaks, reserved at the end ("again"), breakdown at the training peak.
+    """
     alloc = CachingAllocator()
     alloc.malloc(-1, CUBLAS_WORKSPACE_BYTES)  # the handle's workspace, cached from the first matmul on
     alloc.malloc(-2, CUDNN_WORKSPACE_BYTES)
+    end = base.val_start if base.val_start is not None else len(first)
+    at_peak = _replay(alloc, first[:end], base, track=True)
+    out = {"train": alloc.peak_reserved, "train_allocated": alloc.peak_allocated}
+    breakdown = {k: round(v / GIB, 4) for k, v in at_peak.items()}
+    breakdown["allocator_overhead"] = round((out["train"] - out["train_allocated"]) / GIB, 4)
+    out["breakdown"] = breakdown
+    alloc.reset_peak()
+    if val is not None and base.val_start is not None:
+        causes.empty_cache_if(alloc, rule, total, before_validation=True)
+        _replay(alloc, val[end:], base)
+    out["val"], out["val_allocated"] = alloc.peak_reserved, alloc.peak_allocated
+    causes.empty_cache_if(alloc, rule, total, before_validation=False)
+    alloc.reset_peak()
+    start = base.iter2_start if base.iter2_start is not None else 0
+    _replay(alloc, _next_epoch(base, again, start, end), base, offset=1 << 40)
+    out["again"] = alloc.peak_reserved
+    return out
+
+
+def _replay(alloc, events, base, offset: int = 0, track: bool = False):
+    """Feed events to the allocator; releases of storages this replay did not allocate are skipped.
+
+    With `track`, also the live bytes per category at the allocated peak (the breakdown).
+    """
     live = dict.fromkeys(CATEGORIES, 0)
     live["workspace"] = alloc.allocated
-    sizes, cats = {}, {}
-    best, at_peak = -1, dict(live)
-    end = trace.val_start if trace.val_start is not None else len(trace.events)
-    train = None
-    for i, (nbytes, sid, phase) in enumerate(trace.events):
-        if i == end:
-            train = (alloc.peak_reserved, alloc.peak_allocated)
-            alloc.reset_peak()
+    sizes, cats, best, at_peak = {}, {}, -1, dict(live)
+    for nbytes, sid, phase in events:
+        key = sid + offset
         if nbytes > 0:
-            cat = ("gradients" if sid in trace.grads else "optimizer_state" if sid in trace.state
+            alloc.malloc(key, nbytes)
+            cat = ("gradients" if sid in base.grads else "optimizer_state" if sid in base.state
                    else _PHASES.get(phase, "other"))
-            sizes[sid], cats[sid] = nbytes, cat
-            live[cat] += nbytes
-            alloc.malloc(sid, nbytes)
-            if i < end and alloc.allocated > best:
+            sizes[key], cats[key] = round_size(nbytes), cat
+            live[cat] += sizes[key]
+            if track and alloc.allocated > best:
                 best, at_peak = alloc.allocated, dict(live)
-        else:
-            live[cats.pop(sid)] -= sizes.pop(sid)
-            alloc.free(sid)
-    if train is None:
-        train = (alloc.peak_reserved, alloc.peak_allocated)
-        alloc.reset_peak()
-    breakdown = {k: round(v / GIB, 4) for k, v in at_peak.items()}
-    breakdown["allocator_overhead"] = round((train[0] - train[1]) / GIB, 4)
-    return MemoryPrediction(batch=batch, train_gb=train[0] / GIB, val_gb=alloc.peak_reserved / GIB,
-                            train_allocated_gb=train[1] / GIB, val_allocated_gb=alloc.peak_allocated / GIB,
-                            breakdown=breakdown, seconds=round(seconds, 2))
+        elif key in sizes:
+            live[cats.pop(key)] -= sizes.pop(key)
+            alloc.free(key)
+    return at_peak
+
+
+def _next_epoch(base, again: list, start: int, end: int) -> list:
+    """The next epoch's iteration: gradients that the traced iteration accumulated into exist again first."""
+    own = {sid for n, sid, _ in again[start:end] if n > 0}
+    size = {sid: n for n, sid, _ in again[:start] if n > 0 and sid in base.grads and sid not in own}
+    return [(n, sid, "backward") for sid, n in size.items()] + again[start:end]
 
 
 class _quiet:
