@@ -11,6 +11,7 @@ import logging
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
+from detector import fileio, paths
 from detector.config import TrainConfig, jsonable
 from detector.errors import (DetectorError, DiskFull, RunDirError, TrainingInterrupted, UsageError,
                              is_disk_full)
@@ -92,11 +94,24 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _supervise(recorder: Recorder, run_dir: Path, with_tensorboard: bool, work) -> dict:
-    """Run work(), TensorBoard streamed alongside when asked, and leave run.json completed, interrupted or failed."""
+def _claim(run_dir: Path, data) -> tuple[RunLock, Path]:
+    """Lock the new run folder and write its data.yaml; interrupted before run.json exists, leave no folder."""
+    try:
+        lock = RunLock(run_dir).acquire()  # a resume of this folder waits until this process ends
+        return lock, data.write_resolved(run_dir / "data.yaml")
+    except KeyboardInterrupt:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise TrainingInterrupted("interrupted before training started; no run folder was kept") from None
+
+
+def _supervise(recorder: Recorder, run_dir: Path, with_tensorboard: bool, work, start: dict | None = None) -> dict:
+    """Write run.json (start), run work() with TensorBoard alongside when asked, and leave run.json completed,
+    interrupted or failed whatever happens, a signal during any of it included."""
     stream = None
     try:
         with _SigtermAsInterrupt():
+            if start is not None:
+                recorder.start(start)
             if with_tensorboard:  # inside the block, so a signal during its setup still marks the run
                 stream = tensorboard.live(recorder, run_dir)
             outcome = work()
@@ -128,7 +143,7 @@ def _failed(recorder: Recorder, run_dir: Path, e: Exception) -> DetectorError:
         _finish(recorder, "failed", error=message)
         return DiskFull(message)
     with contextlib.suppress(OSError):
-        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        fileio.write_text(run_dir / "error.log", traceback.format_exc())
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     _finish(recorder, "failed", error=f"{type(e).__name__}: {first}")
     return DetectorError(f"training failed: {type(e).__name__}: {first} (traceback in {run_dir / 'error.log'})")
@@ -162,37 +177,39 @@ def run(config: TrainConfig) -> Path:
 
     device = checks.device_info(config.device)
     decision = autobatch.decide(config, data, device)
+    paths.check_writes([Path(config.project)], [data.root], what="--project")  # never inside a dataset or a run
     run_dir = _make_run_dir(config.project, config.name)
-    lock = RunLock(run_dir).acquire()  # a resume of this folder waits until this process ends
-    data_yaml = data.write_resolved(run_dir / "data.yaml")
-    log.info(autobatch.describe(decision))
-    log.info(f"augmentations {pipeline.describe()}")
-    ul_args = {
-        **config.overrides,
-        "data": str(data_yaml), "model": model, "epochs": config.epochs or 100, "imgsz": config.imgsz or 640,
-        "batch": decision.chosen, "workers": config.workers, "seed": config.seed,
-        "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True,
-        "augmentations": list(pipeline.transforms),  # replaces Ultralytics' default set; kept in its checkpoints
-    }
-    if config.device is not None:
-        ul_args["device"] = config.device
-    recorder = Recorder(run_dir)
-    recorder.start({
-        "name": run_dir.name, "command": list(config.command) or sys.argv, "pid": os.getpid(), "host": platform.node(),
-        "config": {**config.record(), "ultralytics": jsonable(ul_args)},
-        "dataset": data.summary(), "model": config.model, "device": device, "batch": decision.summary(),
-        "nbs": config.nbs, "augmentations": pipeline.record(), "versions": checks.versions(),
-        "loader": checks.training_loader(config.overrides),  # the trainer reads it back on resume and step-down
-        "events": [],
-    })
-    started = time.time()
-    tracking = mlflow_log.Tracking(config.mlflow, recorder)
-    try:
-        _supervise(recorder, run_dir, config.tensorboard, tracking.around(
-            lambda: stepdown.fit(stepdown.Attempt(ul_args), run_dir, recorder, config.batch.candidates)))
-    finally:
-        tracking.finish()
-        lock.release()
+    with _SigtermAsInterrupt():  # from the folder's first moment: a signal leaves a marked run or nothing
+        lock, data_yaml = _claim(run_dir, data)
+        log.info(autobatch.describe(decision))
+        log.info(f"augmentations {pipeline.describe()}")
+        ul_args = {
+            **config.overrides,
+            "data": str(data_yaml), "model": model, "epochs": config.epochs or 100, "imgsz": config.imgsz or 640,
+            "batch": decision.chosen, "workers": config.workers, "seed": config.seed,
+            "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True,
+            "augmentations": list(pipeline.transforms),  # replaces Ultralytics' default set; kept in its checkpoints
+        }
+        if config.device is not None:
+            ul_args["device"] = config.device
+        recorder = Recorder(run_dir)
+        start = {
+            "name": run_dir.name, "command": list(config.command) or sys.argv, "pid": os.getpid(),
+            "host": platform.node(), "config": {**config.record(), "ultralytics": jsonable(ul_args)},
+            "dataset": data.summary(), "model": config.model, "device": device, "batch": decision.summary(),
+            "nbs": config.nbs, "augmentations": pipeline.record(), "versions": checks.versions(),
+            "loader": checks.training_loader(config.overrides),  # the trainer reads it back on resume and step-down
+            "events": [],
+        }
+        started = time.time()
+        tracking = mlflow_log.Tracking(config.mlflow, recorder)
+        try:
+            _supervise(recorder, run_dir, config.tensorboard, tracking.around(
+                lambda: stepdown.fit(stepdown.Attempt(ul_args), run_dir, recorder, config.batch.candidates)),
+                start=start)
+        finally:
+            tracking.finish()
+            lock.release()
     log.info(f"run {run_dir} completed in {time.time() - started:.0f} s")
     return run_dir
 

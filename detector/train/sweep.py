@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from detector import facts
+from detector import paths
 from detector.config import BUILTIN_OVERRIDES, SWEEP_OPTIONS, TrainConfig, jsonable, parse_list
 from detector.errors import DetectorError, RunDirError, TrainingInterrupted, UsageError
 from detector.record.writer import Recorder, now_iso, write_json_atomic
@@ -31,6 +32,7 @@ from detector.record import mlflow_log
 from detector.report import render
 from detector.report.analysis import REFERENCE_BATCH
 from detector.train import run as train
+from detector.train.lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,11 @@ def _settings(config: SweepConfig) -> dict:
                             **{k: t[k] for k in keep}})
 
 
-def open_sweep(config: SweepConfig) -> Path:
-    """Create the sweep folder, or check that an existing one is this sweep; write sweep.json."""
+def open_sweep(config: SweepConfig) -> tuple[Path, RunLock]:
+    """Create the sweep folder, or check that an existing one is this sweep; lock it; write sweep.json.
+
+    The lock is held until the sweep ends: a second sweep of the same folder is refused while it lives.
+    """
     name = sweep_name(config)
     if not name.strip() or "/" in name or name in {".", ".."}:
         raise UsageError(f"--name must be a plain folder name, not {name!r}")
@@ -153,9 +158,10 @@ def open_sweep(config: SweepConfig) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create sweep folder {folder}: {e.strerror}; pass a writable --project") from e
+    lock = RunLock(folder, what="sweep").acquire()
     write_json_atomic(info, {"name": name, "settings": settings, "batches": list(config.batches),
                              "seeds": list(config.seeds), "updated": now_iso()})
-    return folder
+    return folder, lock
 
 
 def _state(run_dir: Path) -> str:
@@ -179,20 +185,40 @@ def _train_one(config: SweepConfig, folder: Path, p: PlannedRun) -> None:
         train.run(TrainConfig(resume=run_dir, device=config.template.device, command=config.template.command))
         return
     if state == "restart":  # stopped before its first epoch ended: no weights or mAP to keep
-        log.info(f"{p.name}: stopped before its first epoch ended, starting it again")
-        shutil.rmtree(run_dir)
-    cfg = replace(config.template, batch=replace(config.template.batch, requested=p.batch), seed=p.seed, name=p.name, project=folder,
-                  overrides={**config.template.overrides, **p.overrides}, sweep=p.record)
-    train.run(cfg)
+        with RunLock(run_dir):  # a run still training holds it: refused, never deleted
+            log.info(f"{p.name}: stopped before its first epoch ended, starting it again")
+            shutil.rmtree(run_dir)
+    train.run(run_config(config, p, folder))
+
+
+def run_config(config: SweepConfig, p: PlannedRun, folder: Path) -> TrainConfig:
+    """The training config of run p: the template with p's batch, seed, name and overrides."""
+    return replace(config.template, batch=replace(config.template.batch, requested=p.batch), seed=p.seed, name=p.name,
+                   project=folder, overrides={**config.template.overrides, **p.overrides}, sweep=p.record)
+
+
+def check_inputs(config: SweepConfig, planned: list[PlannedRun]) -> None:
+    """Every check the first run would make (options, cfg= keys, weights, model, dataset), and the folder rule,
+    before the sweep writes anything: a refused sweep leaves no sweep.json behind."""
+    from detector.train.preflight import prepare
+
+    folder = Path(config.template.project).expanduser().resolve() / sweep_name(config)
+    _, data, _ = prepare(run_config(config, planned[0], folder))
+    paths.check_writes([folder], [data.root], what="--project")
 
 
 def run(config: SweepConfig) -> Path:
     """Train every run of the sweep that is not finished, then write the comparison; return report.html."""
     planned = plan(config)
-    from detector.yolo import checks
+    check_inputs(config, planned)
+    folder, lock = open_sweep(config)
+    try:
+        return _train_all(config, planned, folder)
+    finally:
+        lock.release()
 
-    checks.check_overrides({**config.template.overrides, **planned[0].overrides})
-    folder = open_sweep(config)
+
+def _train_all(config: SweepConfig, planned: list[PlannedRun], folder: Path) -> Path:
     started, failures = time.time(), []
     for i, p in enumerate(planned, 1):
         log.info(f"[{i}/{len(planned)}] {p.name}: batch {p.batch}, seed {p.seed}, " +
@@ -202,6 +228,8 @@ def run(config: SweepConfig) -> Path:
         except TrainingInterrupted:
             raise TrainingInterrupted(f"sweep interrupted during {p.name}; run the same command again to continue "
                                       "(completed runs are skipped, unfinished ones resumed)") from None
+        except RunDirError:
+            raise  # the folder is in use or cannot be written: no later run can do better
         except DetectorError as e:
             if not (folder / p.name / "run.json").is_file():
                 raise  # a problem with the options or data: every run would fail the same way
