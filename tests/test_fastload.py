@@ -195,3 +195,78 @@ def test_worker_batches_have_stock_keys_and_shapes(tiny_data, tmp_path):
     assert sorted(fast) == sorted(stock)
     assert fast["img"].shape == stock["img"].shape == (8, 3, 64, 64) and fast["img"].dtype == stock["img"].dtype
     assert fast["bboxes"].shape[1] == 4 and len(fast["batch_idx"]) == len(fast["cls"]) == len(fast["bboxes"])
+
+
+def test_pixel_step_draws_exactly_as_albumentations_compose():
+    """The fast path for pixel-only pipelines gives the step's own results, image for image, from the same seeds."""
+    import random
+
+    import torch
+
+    from detector.yolo.fastload.pipeline import FastTrainPipeline  # first: it sets the offline environment
+
+    import albumentations as A  # noqa: I001
+    from ultralytics.data.augment import Albumentations
+
+    def step():
+        return Albumentations(p=1.0, transforms=[A.ToGray(p=0.3), A.Blur(p=0.3), A.RandomBrightnessContrast(p=0.3),
+                                                 A.CLAHE(p=0.2)])
+
+    stock, ours = step(), step()
+    pipe = object.__new__(FastTrainPipeline)  # only its Albumentations fast path is exercised
+    pipe._flat = None
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 48, 3), np.uint8) for _ in range(60)]
+    random.seed(0)
+    torch.manual_seed(0)
+    expected = [stock({"img": im.copy()})["img"] for im in images]
+    random.seed(0)
+    got = [pipe._pixel_step(ours, im.copy()) for im in images]
+    assert pipe._flat is True
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    changed = sum(not np.array_equal(a, im) for a, im in zip(expected, images))
+    assert 10 < changed < 50  # some transforms fired, some samples passed through
+
+
+def test_ram_cache_holds_the_images_load_image_decodes(coco_mirror):
+    from detector.yolo import loader as yolo_loader
+    from detector.yolo.fastload.cache import DecodedCache
+
+    fast, _, _ = yolo_loader.training_loader(coco_mirror, None, IMGSZ, 16, loader="fast")
+    assert fast.decoded is not None and fast.decoded.ready.all()
+    for i in range(8):
+        cached = fast.decoded.get(i)
+        assert not cached.flags.writeable
+        fast.decoded.ready[i] = False  # the decode path, as for an image past the cap
+        fast.ims[i] = None
+        decoded, hw0, hw = fast.load_image(i)
+        fast.decoded.ready[i] = True
+        assert np.array_equal(cached, decoded) and hw == cached.shape[:2] and hw0 == tuple(fast.labels[i]["shape"])
+    shapes = [(480, 640), (640, 640), (100, 100)]
+    capped = DecodedCache(shapes, 320, cap=240 * 320 * 3 + 100)  # room for the first image only
+    assert capped.offsets == [0, None, None] and capped.nbytes == 240 * 320 * 3
+
+
+def test_batches_are_written_in_place_and_match_single_samples(coco_mirror):
+    """__getitems__ writes each image into its row of one batch tensor, which the collate hands on without a copy."""
+    import random
+
+    import torch
+
+    from detector.yolo import loader as yolo_loader
+
+    # mosaic off: its other tiles come from the buffer of recent images, which the first pass changes
+    fast, _, _ = yolo_loader.training_loader(coco_mirror, None, IMGSZ, 16, loader="fast", overrides={"mosaic": 0.0})
+    idx = list(range(5))
+    state = (random.getstate(), np.random.get_state())
+    together = fast.__getitems__(idx)
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    alone = [fast[i] for i in idx]
+    first = together[0]["img"].data_ptr()
+    batch = fast.collate_fn(together)
+    assert batch["img"].shape == (5, 3, IMGSZ, IMGSZ) and batch["img"].dtype == torch.uint8
+    assert batch["img"].data_ptr() == first  # the batch the samples were written into, not a copy
+    for k, sample in enumerate(alone):
+        assert torch.equal(batch["img"][k], sample["img"])
+    assert torch.equal(batch["bboxes"], torch.cat([s["bboxes"] for s in alone]))

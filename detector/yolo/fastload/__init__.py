@@ -2,7 +2,8 @@
 
 - geometry: mosaic layout, random affine and box filtering, drawn exactly as Ultralytics draws them
 - pipeline: FastTrainPipeline, the per-sample work (tiles resized straight into the output, HSV, flips, format)
-- dataset: FastYOLODataset (Ultralytics' YOLODataset with that pipeline and reduced-scale JPEG decoding)
+- dataset: FastYOLODataset (Ultralytics' YOLODataset with that pipeline, reduced-scale JPEG decoding, whole batches)
+- cache: DecodedCache, the decoded training-scale images in RAM under a memory cap, shared by the workers
 
 `loader=ultralytics` (KEY=VALUE) trains with Ultralytics' own pipeline instead.
 """

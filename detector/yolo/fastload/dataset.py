@@ -1,4 +1,4 @@
-"""Ultralytics' YOLODataset with detector's training pipeline and reduced-scale JPEG decoding.
+"""Ultralytics' YOLODataset with detector's training pipeline, reduced-scale JPEG decoding and a RAM cache.
 
 Everything else (label cache, file list, buffer of recent images that mosaic draws
 from, validation with letterbox, close_mosaic) is Ultralytics' own, so the loader
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from ultralytics.data.dataset import YOLODataset
 
+from detector.yolo.fastload.cache import DecodedCache, cap_bytes
 from detector.yolo.fastload.pipeline import FastTrainPipeline
 
 JPEG = {".jpg", ".jpeg"}
@@ -40,6 +41,13 @@ class FastYOLODataset(YOLODataset):
     """YOLODataset whose training samples come from FastTrainPipeline (validation is unchanged)."""
 
     fast = False  # set by build_transforms, which Ultralytics calls last in __init__
+    decoded: DecodedCache | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.fast and not self.cache:  # Ultralytics' own cache=ram/disk, when asked for, stays its own
+            self.decoded = DecodedCache([lb["shape"] for lb in self.labels], self.imgsz, cap_bytes())
+            self.decoded.fill(self._read_into)
 
     def build_transforms(self, hyp=None):
         if not self.augment or supported(self, hyp) is not None:
@@ -66,14 +74,29 @@ class FastYOLODataset(YOLODataset):
             return self.transforms(index)
         return super().__getitem__(index)
 
+    def __getitems__(self, indexes: list[int]) -> list[dict]:
+        """A batch's samples (torch's DataLoader asks for them together), their images written into one batch tensor.
+
+        Each sample's image is a view of the batch, which the collate hands on as it is: no stack copy, and in a
+        worker the batch is shared memory, so it crosses to the training process without one more copy either.
+        """
+        if not self.fast:
+            return [self[i] for i in indexes]
+        batch = _new_batch((len(indexes), 3, self.imgsz, self.imgsz))
+        return [self.transforms(i, into=batch[k]) for k, i in enumerate(indexes)]
+
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):
         """Ultralytics' load_image (long side to imgsz, the mosaic buffer), decoding large JPEGs at reduced scale."""
         if self.ims[i] is not None or self.cache or not rect_mode or resize_short or not self.fast:
             return super().load_image(i, rect_mode, resize_short)
+        h0, w0 = self.labels[i]["shape"]  # from the label cache, EXIF orientation applied as cv2 applies it
+        cached = self.decoded.get(i) if self.decoded is not None else None
+        if cached is not None:
+            self._remember(i, cached, (h0, w0))
+            return cached, (h0, w0), cached.shape[:2]
         f = self.im_files[i]
         if Path(f).suffix.lower() not in JPEG or self.npy_files[i].exists():
             return super().load_image(i, rect_mode, resize_short)
-        h0, w0 = self.labels[i]["shape"]  # from the label cache, EXIF orientation applied as cv2 applies it
         r = self.imgsz / max(h0, w0)
         im = _decode(f, h0, w0, r)
         if im is None:
@@ -83,6 +106,26 @@ class FastYOLODataset(YOLODataset):
             im = cv2.resize(im, size, interpolation=cv2.INTER_LINEAR)
         self._remember(i, im, (h0, w0))
         return im, (h0, w0), im.shape[:2]
+
+    def _read_into(self, i: int, out: np.ndarray) -> bool:
+        """Decode image i at training scale into out (the cache's slot); False to leave it to load_image."""
+        from ultralytics.utils.patches import imread
+
+        f, (h0, w0) = self.im_files[i], self.labels[i]["shape"]
+        if self.npy_files[i].exists():  # Ultralytics' .npy files take precedence over the image
+            return False
+        if Path(f).suffix.lower() in JPEG:
+            im = _decode(f, h0, w0, self.imgsz / max(h0, w0))
+        else:
+            im = imread(f, flags=cv2.IMREAD_COLOR)
+            im = im if im is not None and im.ndim == 3 and im.shape[:2] == (h0, w0) else None
+        if im is None:
+            return False
+        if im.shape[:2] == out.shape[:2]:
+            out[...] = im
+        else:
+            cv2.resize(im, out.shape[1::-1], dst=out, interpolation=cv2.INTER_LINEAR)
+        return True
 
     def _remember(self, i: int, im: np.ndarray, hw0: tuple[int, int]) -> None:
         """Keep the image in Ultralytics' buffer of recent images (mosaic draws its other tiles from it)."""
@@ -121,13 +164,22 @@ _BATCHES = 0  # batches collated in this process
 TRIM_EVERY = 4
 
 
-def _stack(images: list) -> torch.Tensor:
-    """torch.stack, into a shared-memory tensor when called in a DataLoader worker (as torch's default_collate)."""
+def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 batch: in shared memory in a DataLoader worker (as torch's default_collate makes it)."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.stack(images, 0)
-    first = images[0]
-    storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
-    out = first.new(storage).resize_(len(images), *first.shape)
+        return torch.empty(shape, dtype=torch.uint8)
+    template = torch.empty(0, dtype=torch.uint8)
+    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
+    return template.new(storage).resize_(*shape)
+
+
+def _stack(images: list) -> torch.Tensor:
+    """The images as one batch: their batch itself when they are its rows in order (__getitems__), else stacked."""
+    base = images[0]._base
+    if base is not None and base.shape[0] == len(images) and base.shape[1:] == images[0].shape and all(
+            im._base is base and im.data_ptr() == base[k].data_ptr() for k, im in enumerate(images)):
+        return base
+    out = _new_batch((len(images), *images[0].shape)) if images[0].dtype == torch.uint8 else None
     return torch.stack(images, 0, out=out)
 
 
