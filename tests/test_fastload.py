@@ -179,6 +179,30 @@ def test_training_records_the_loader_it_ran(tiny_data, tmp_path, loader):
     assert result.exit_code == 0, result.output + repr(result.exception)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["status"] == "completed" and run["loader"] == loader
+    # the wait for data: per iteration in iterations.csv, summed in run.json, shown beside the step in the report
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "run" / "iterations.csv").open()))
+    waited = sum(float(r["data_time_s"]) for r in rows)
+    spent = sum(float(r["iter_time_s"]) for r in rows)
+    assert run["data_wait"]["seconds"] == pytest.approx(waited, abs=0.01)
+    assert run["data_wait"]["share"] == pytest.approx(waited / spent, abs=0.01) and 0 < run["data_wait"]["share"] < 1
+    if loader == "fast":
+        result = CliRunner().invoke(main, ["compare", str(tmp_path / "run"), "--out", str(tmp_path / "report")])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        assert "waiting for the next batch" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_workers_follow_the_cores_unless_set(monkeypatch):
+    from detector.yolo import fastload
+
+    monkeypatch.setattr(fastload, "usable_cores", lambda: 2)
+    assert fastload.choose_workers(8, ["detector", "train"]) == 2  # the default: one per usable core
+    assert fastload.choose_workers(8, ["detector", "train", "--workers", "8"]) == 8  # asked for
+    assert fastload.choose_workers(8, ["train", "--workers=8"]) == 8
+    assert fastload.choose_workers(3, []) == 3  # not the default: set through the Python API
+    monkeypatch.setattr(fastload, "usable_cores", lambda: 64)
+    assert fastload.choose_workers(8, []) == fastload.MAX_WORKERS
 
 
 def test_worker_batches_have_stock_keys_and_shapes(tiny_data, tmp_path):

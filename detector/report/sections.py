@@ -129,7 +129,27 @@ def _runs(comp: Comparison) -> Section:
     table = Table(["", *(r["run"] for r in comp.rows)],
                   [[label, *(_cell(r, key, fmt) for r in comp.rows)] for label, key, fmt in TABLE], anchor="runs")
     # The seed verdicts follow the seed table; without one (one run per batch size) they follow this table.
-    return Section("Runs", "per-run", [table] + ([] if comp.has_seed_spread else _verdicts(comp)))
+    wait = _data_wait(comp)
+    return Section("Runs", "per-run", [table] + ([wait] if wait else [])
+                   + ([] if comp.has_seed_spread else _verdicts(comp)))
+
+
+def _data_wait(comp: Comparison) -> Paragraph | None:
+    """Each run's step time with its wait for data beside it (iterations.csv): a starving GPU shows here."""
+    import numpy as np
+
+    parts = []
+    for run in comp.runs:
+        it, wait = run.iterations.get("iter_time_s"), run.iterations.get("data_time_s")
+        if it is None or wait is None or not len(it) or not np.nansum(it):
+            continue
+        parts.append(f"{run.name} {np.nanmedian(it - wait):.3f} s step + {np.nanmedian(wait):.3f} s waiting for "
+                     f"the next batch ({100 * np.nansum(wait) / np.nansum(it):.0f}% of iteration time)")
+    if not parts:
+        return None
+    return Paragraph("Median iteration, as step and wait for data: " + "; ".join(parts) + ". A wait of more than a "
+                     "few percent means the data loader, not the model, sets the pace (more --workers, if cores "
+                     "are free).")
 
 
 def _seeds(comp: Comparison) -> Section | None:

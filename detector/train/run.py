@@ -173,7 +173,7 @@ def run(config: TrainConfig) -> Path:
     except KeyboardInterrupt:  # Ctrl-C in the dataset check: nothing exists yet
         raise TrainingInterrupted("interrupted before training started; no run folder was created") from None
     pipeline = pipelines.resolve(config.augment, config.imgsz or 640)
-    from detector.yolo import checks
+    from detector.yolo import checks, fastload
 
     device = checks.device_info(config.device)
     decision = autobatch.decide(config, data, device)
@@ -186,7 +186,8 @@ def run(config: TrainConfig) -> Path:
         ul_args = {
             **config.overrides,
             "data": str(data_yaml), "model": model, "epochs": config.epochs or 100, "imgsz": config.imgsz or 640,
-            "batch": decision.chosen, "workers": config.workers, "seed": config.seed,
+            "batch": decision.chosen, "seed": config.seed,
+            "workers": fastload.choose_workers(config.workers, list(config.command) or sys.argv),  # CPU: Ultralytics' 0
             "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True,
             "augmentations": list(pipeline.transforms),  # replaces Ultralytics' default set; kept in its checkpoints
         }

@@ -39,6 +39,8 @@ class Progress:
     epoch_rows: int = 0
     epoch_images: int = 0
     epoch_train_time: float = 0.0
+    data_wait_s: float = 0.0  # since this process started training: time waiting for the next batch ...
+    train_s: float = 0.0  # ... and the whole iterations' time (run.json's data_wait)
     validated: bool = False
     in_final: bool = False  # the final validation of best.pt after the last epoch
     best: dict | None = None
@@ -142,13 +144,18 @@ class IterationRows:
         p.epoch_images += images
         iter_time = now - self._last_end
         p.epoch_train_time += iter_time
+        # The wait for the next batch: from the end of the last iteration (its loss already synced from the
+        # device, so the GPU is idle) to the loop's next batch start; the copy to the device is the step's.
+        wait = self._batch_start - self._last_end
+        p.data_wait_s += wait
+        p.train_s += iter_time
         row = dict(zip(names, values))
         row.update(
             epoch=p.epoch, iteration=p.iteration, epoch_iteration=p.epoch_rows, batch_size=images,
             images_seen=p.images_seen, optimizer_step=p.opt_steps, loss=float(sum(values)),
             lr=float(trainer.optimizer.param_groups[0]["lr"]),
             time_s="%.3f" % (now - p.train_start + p.time_offset),
-            iter_time_s="%.4f" % iter_time, data_time_s="%.4f" % (self._batch_start - self._last_end),
+            iter_time_s="%.4f" % iter_time, data_time_s="%.4f" % wait,
             gpu_mem_gb=gpu_gb(trainer),
             **p.iteration_extra,
         )
@@ -211,8 +218,21 @@ class EpochRows:
             return
         self.rec.update(progress={"epochs_completed": trainer.epoch + 1, "epochs": trainer.epochs,
                                   "iterations_completed": p.iteration, "images_seen": p.images_seen,
-                                  "optimizer_steps": p.opt_steps, "best": p.best})
+                                  "optimizer_steps": p.opt_steps, "best": p.best},
+                        data_wait=data_wait(p))
         self._progress_written = (p.iteration, trainer.epoch)
+
+
+def data_wait(p: Progress) -> dict | None:
+    """run.json's data_wait: seconds the training loop waited for batches, and their share of iteration time.
+
+    Counted since this process started training (a resume starts again); iterations.csv's data_time_s
+    holds the same wait per iteration.
+    """
+    if not p.train_s:
+        return None
+    return {"seconds": round(p.data_wait_s, 3), "share": round(p.data_wait_s / p.train_s, 4),
+            "iteration_seconds": round(p.train_s, 3)}
 
 
 def attach(trainer, rec: Recorder) -> Progress:

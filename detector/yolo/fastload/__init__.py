@@ -10,8 +10,34 @@
 
 from __future__ import annotations
 
+import os
+
 LOADERS = ("fast", "ultralytics")
 DEFAULT = "fast"
+MAX_WORKERS = 16
+DEFAULT_WORKERS = 8  # --workers' default, Ultralytics' own
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset and cgroup CPU sets respected, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def choose_workers(requested: int, command: list[str] | tuple = ()) -> int:
+    """Loader workers for GPU training: what the user set (command: the argv), else one per usable core (at most 16).
+
+    Ultralytics starts min(workers, os.cpu_count() // GPUs) workers, which ignores the CPU set a
+    container or taskset grants (8 workers on 2 usable cores), and trains on CPU with 0 whatever is
+    asked (it still does: CPU training keeps 0). On the 2-vCPU machines most users train on (Colab,
+    Kaggle T4) this gives 2, as Ultralytics would; on a machine with more cores, all of them feed the GPU.
+    """
+    user_set = requested != DEFAULT_WORKERS or any(a == "--workers" or a.startswith("--workers=") for a in command)
+    if user_set:  # --workers given (or a value other than the default, from the Python API)
+        return requested
+    return max(1, min(usable_cores(), MAX_WORKERS))
 
 
 def check_loader(name) -> str:
