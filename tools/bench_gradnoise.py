@@ -9,13 +9,14 @@ halves, and accumulation groups). The epoch's in-training value (epochs.csv
 grad_noise_scale, with its 90% interval) averages over the epoch's changing weights.
 
     python tools/bench_gradnoise.py                         # built-in dataset, imgsz 64, 6 epochs, accumulate 1
-    python tools/bench_gradnoise.py --epochs 20 --at 6,20 --nbs 64
+    python tools/bench_gradnoise.py --epochs 20 --at 6,20 --nbs 64 --out gn.json
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def parse_args():
     ap.add_argument("--nbs", type=int, default=None, help="nominal batch (default: the batch, so accumulate 1)")
     ap.add_argument("--passes", type=int, default=4, help="shuffled passes over the training set per measurement")
     ap.add_argument("--group", type=int, default=4, help="micro-batches per step in the accumulation check")
+    ap.add_argument("--out", default=None, help="also write the epochs.csv rows and the measurements to this JSON file")
     return ap.parse_args()
 
 
@@ -77,6 +79,9 @@ def main() -> None:
         wall = time.perf_counter() - start
         with open(Path(tmp) / "run" / "epochs.csv", newline="") as f:
             rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
+    if args.out:  # before the table, so a report error loses nothing
+        Path(args.out).write_text(json.dumps({"args": vars(args), "wall_s": wall, "epochs": rows,
+                                              "measured": measured}, indent=1, default=str))
     report(args, data_yaml, rows, measured, wall)
 
 
@@ -96,8 +101,7 @@ def report(args, data_yaml, rows: dict, measured: dict, wall: float) -> None:
           f"{max(round(nbs / args.batch), 1)}) epochs={args.epochs} passes={args.passes}; training with checks took "
           f"{wall:.0f} s")
     print("| epoch | in training: B_simple (90%) | exhaustive at the epoch's end: B_simple (95%) | meter at fixed "
-          "weights, halves (90%) | meter, groups of %d (90%%) | in training within the exhaustive interval |"
-          % args.group)
+          f"weights, halves (90%) | meter, groups of {args.group} (90%) | in training within the exhaustive interval |")
     print("|---|---|---|---|---|---|")
     for e in sorted(rows):
         r, m = rows[e], measured.get(e)
