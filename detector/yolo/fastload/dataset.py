@@ -18,6 +18,7 @@ from ultralytics.data.dataset import YOLODataset
 
 from detector.yolo.fastload.cache import DecodedCache, cap_bytes
 from detector.yolo.fastload.pipeline import FastTrainPipeline
+from detector.yolo.fastload.shared import BatchRing, ByValue, Tracked, new_shared
 
 JPEG = {".jpg", ".jpeg"}
 # cv2 decodes a JPEG at 1/2, 1/4 or 1/8 scale in the DCT, for a fraction of the full decode's cost
@@ -42,9 +43,12 @@ class FastYOLODataset(YOLODataset):
 
     fast = False  # set by build_transforms, which Ultralytics calls last in __init__
     decoded: DecodedCache | None = None
+    ring: BatchRing | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.fast:  # made here, in the training process, so that the workers forked later share its flags
+            self.ring = BatchRing()
         if self.fast and not self.cache:  # Ultralytics' own cache=ram/disk, when asked for, stays its own
             self.decoded = DecodedCache([lb["shape"] for lb in self.labels], self.imgsz, cap_bytes())
             self.decoded.fill(self._read_into)
@@ -64,8 +68,13 @@ class FastYOLODataset(YOLODataset):
         anywhere else, its 16 x 1.2 MB of images (imgsz 640) are copied once more on the way.
         """
         images = [b.pop("img") for b in batch]
+        shared = [b.pop("_shared", None) for b in batch][0]
         out = YOLODataset.collate_fn(batch)
         out["img"] = _stack(images)
+        if shared is not None:  # a reused segment: the training process frees it when it lets the batch go
+            out["img"] = Tracked(out["img"], *shared)
+            for k in ("cls", "bboxes", "batch_idx"):
+                out[k] = ByValue(out[k])
         _release_free_heap()
         return out
 
@@ -82,8 +91,21 @@ class FastYOLODataset(YOLODataset):
         """
         if not self.fast:
             return [self[i] for i in indexes]
-        batch = _new_batch((len(indexes), 3, self.imgsz, self.imgsz))
-        return [self.transforms(i, into=batch[k]) for k, i in enumerate(indexes)]
+        shape = (len(indexes), 3, self.imgsz, self.imgsz)
+        worker = torch.utils.data.get_worker_info()
+        if worker is None or self.ring is None:
+            batch, flag = torch.empty(shape, dtype=torch.uint8), None
+        else:  # a shared segment of this worker's ring (detector.yolo.fastload.shared)
+            batch, flag = self.ring.take(worker.id, shape)
+        try:
+            samples = [self.transforms(i, into=batch[k]) for k, i in enumerate(indexes)]
+        except BaseException:
+            if self.ring is not None:
+                self.ring.release(flag)
+            raise
+        if flag is not None:
+            samples[0]["_shared"] = (self.ring.key, flag)
+        return samples
 
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):
         """Ultralytics' load_image (long side to imgsz, the mosaic buffer), decoding large JPEGs at reduced scale."""
@@ -168,9 +190,7 @@ def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
     """An empty uint8 batch: in shared memory in a DataLoader worker (as torch's default_collate makes it)."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
-    template = torch.empty(0, dtype=torch.uint8)
-    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
-    return template.new(storage).resize_(*shape)
+    return new_shared(shape)
 
 
 def _stack(images: list) -> torch.Tensor:
