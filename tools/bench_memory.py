@@ -124,7 +124,7 @@ def row_settings(row: dict) -> tuple:
         amp=memory.parse_amp(row["amp"] or "true"), optimizer="AdamW", train_boxes=k, val_boxes=v,
         train_boxes_high=densest_of(per_train, n_train * EPOCHS_SEEN, facts.MOSAIC_BOX_FACTOR),
         val_boxes_high=densest_of(per_val, n_val * EPOCHS_SEEN, 1), ultralytics=row["ultralytics"],
-        total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val)
+        total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val, gpu=row["gpu"])
     return settings, batch
 
 

@@ -105,7 +105,8 @@ def _probe_and_decide(config: TrainConfig, data) -> batching.BatchDecision:
              f"{train_labels} boxes per training image (densest image: {densest})...")
     model = checks.check_model(config.model)
     load = box_load(label_counts(data), config.overrides)
-    predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates, load)
+    predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates, load,
+                                gpu=target["name"])
     skipped = skip_by_prediction(predicted, budget)
     for c in skipped:
         log.info(f"not probing batch {c}: the memory model predicts {predicted[c]:.2f} GB, over {SKIP_FACTOR:g} x the "
@@ -132,10 +133,10 @@ SKIP_FACTOR = 1.5
 
 
 def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, candidates,
-                    load: dict | None = None) -> dict[int, float]:
+                    load: dict | None = None, gpu: str = "") -> dict[int, float]:
     """The memory model's upper bound of reserved GiB per candidate (any epoch), or {} when it cannot run."""
     try:
-        settings = memory_settings(config, model, nc, imgsz, densest, load)
+        settings = memory_settings(config, model, nc, imgsz, densest, load, gpu=gpu)
         return {p.batch: p.peak_gb_high for p in predict_candidates(settings, candidates)}
     except Exception as e:  # noqa: BLE001  the prediction only advises the probe: never fail a training over it
         log.info(f"memory model unavailable ({type(e).__name__}: {e}); probing every candidate")
@@ -143,7 +144,7 @@ def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, denses
 
 
 def memory_settings(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, load: dict | None = None,
-                    train_images: int = 0, val_images: int = 0):
+                    train_images: int = 0, val_images: int = 0, gpu: str = ""):
     """The memory model's settings for a training config: amp, optimizer and the label load.
 
     `load` is box_load's figures from the dataset's real counts; without it every image carries the
@@ -157,7 +158,7 @@ def memory_settings(config: TrainConfig, model: str, nc: int, imgsz: int, denses
                                  optimizer=memory.parse_optimizer(config.overrides.get("optimizer", "auto")),
                                  train_boxes=load["train"], val_boxes=load["val"], nbs=config.nbs,
                                  train_boxes_high=load["train_high"], val_boxes_high=load["val_high"],
-                                 train_images=train_images, val_images=val_images)
+                                 train_images=train_images, val_images=val_images, gpu=gpu)
 
 
 def predict_candidates(settings, candidates) -> list:

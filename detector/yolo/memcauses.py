@@ -7,10 +7,13 @@ end of an epoch, and what the worst epoch can add:
 - when the trainer empties the cache (cache_rule): validation's blocks stay
   reserved into the next epoch unless the trainer calls empty_cache;
 - the unit GPU_mem is printed in (gpu_mem_unit);
-- cuDNN's convolution workspace in the worst case (cudnn_workspace_high).
+- cuDNN's convolution workspaces, by GPU generation (workspace_share), and in the worst case
+  (cudnn_workspace_high, WORST_EXTRA_SHARE).
 """
 
 from __future__ import annotations
+
+import re
 
 NEVER, ALWAYS, ABOVE_HALF = "never", "always", "above_half"
 
@@ -69,3 +72,38 @@ def cudnn_workspace_high(base, events: list) -> int:
     """
     end = base.val_start if base.val_start is not None else len(events)
     return max((n for n, _, phase in events[:end] if n > 0 and phase == "forward"), default=0)
+
+
+# cuDNN convolution workspaces, typical: without benchmark mode PyTorch takes cuDNN's heuristic algorithm for
+# each convolution and borrows its workspace from the caching allocator; the cache keeps those blocks (and the
+# gaps they leave between activations) for the rest of the run. A CPU trace takes none. Their size follows the
+# layers' tensors, and the algorithms the heuristics rank first differ by GPU generation: on Pascal, Volta and
+# Turing (no sm80 kernels) they ask for more. Share of the training peak's activations and loss tensors, two
+# numbers estimated from the calibration set (tests/data/gpu_memory_calibration.csv): the typical gap between
+# the traced and the published figure on rows with few boxes, per generation (docs/benchmarks.md, "GPU memory:
+# calibration", holds the table and a split-half check). An unknown GPU gets the larger share: reading low
+# means an out-of-memory error on the user's first run.
+WORKSPACE_SHARE = {"pre-ampere": 0.12, "ampere+": 0.06}
+# The worst epoch on top: a workspace-hungry algorithm picked for a large layer, and the allocator's
+# fragmentation over an epoch of changing loss shapes (both unseen by a two-iteration trace); the largest
+# excess over the typical figure on the calibration rows with few boxes.
+WORST_EXTRA_SHARE = 0.25
+_PRE_AMPERE = re.compile(r"\b(p100|p40|p4|p6|k80|m60|m40|v100|t4|titan (x|v|rtx)|quadro (p|gv|rtx)|rtx 20\d0|"
+                         r"gtx (9|10|16)\d0|gtx titan)", re.I)
+_AMPERE_PLUS = re.compile(r"\b(a100|a800|a30|a40|a10g?|a16|a2|l4|l40s?|h100|h200|h800|b100|b200|gh200|"
+                          r"rtx (30|40|50)\d0|rtx a\d{4}|rtx \d{4} ada|rtx pro)", re.I)
+
+
+def gpu_generation(name: str | None) -> str | None:
+    """'pre-ampere', 'ampere+' or None (unknown) from a CUDA device name such as 'Tesla T4'."""
+    text = f" {name or ''} ".replace("NVIDIA", " ").replace("GeForce", " ")
+    if _PRE_AMPERE.search(text):
+        return "pre-ampere"
+    if _AMPERE_PLUS.search(text):
+        return "ampere+"
+    return None
+
+
+def workspace_share(name: str | None) -> float:
+    """The typical cuDNN workspace as a share of the training peak's activations, for this GPU (unknown: the larger)."""
+    return WORKSPACE_SHARE.get(gpu_generation(name), max(WORKSPACE_SHARE.values()))

@@ -10,9 +10,9 @@ CPU cannot see are added and stated:
   first matmul and kept (PyTorch 2.x default 8 MiB + 1 MiB cuBLASLt): in reserved.
 - cuDNN workspace: each convolution borrows scratch memory from the caching
   allocator and returns it, and the cache keeps the block for the next one. The
-  trace cannot see it (CPU convolutions take none), so it is a stated assumption:
-  CUDNN_WORKSPACE_BYTES (64 MiB) held from the start, about what the heuristic
-  (non-benchmark, deterministic) algorithms Ultralytics' defaults select ask for: in reserved.
+  trace cannot see it (CPU convolutions take none): CUDNN_WORKSPACE_BYTES (64 MiB)
+  held from the start, plus a share of the training peak's activations that
+  depends on the GPU's generation (memcauses.workspace_share): in reserved.
 - CUDA context (driver, kernels, cuDNN/cuBLAS code): outside reserved, CUDA_CONTEXT_GB,
   what a recent driver with lazy module loading uses for PyTorch on an Ampere or newer GPU.
 """
@@ -59,6 +59,7 @@ class MemorySettings:
     total_gb: float | None = None  # the GPU's memory, for 8.3's "empty the cache above half" rule
     train_images: int = 0  # 0 = unknown: a batch larger than the dataset holds only the dataset
     val_images: int = 0
+    gpu: str = ""  # the CUDA device's name ("" = unknown): its generation sets the cuDNN workspace share
 
 
 @dataclass(frozen=True)
@@ -169,16 +170,22 @@ class MemoryModel:
         # nobody emptied: the shapes change under a fragmented cache.
         worst = simulate(fam.base, typical, dense_val, dense, causes.NEVER, None)
         workspace = causes.cudnn_workspace_high(fam.base, typical)
-        t_high = max(worst["again"], typ["train"]) / GIB + workspace / GIB
-        v_high = max(worst["val"], worst["again"], typ["val"], typ["again"]) / GIB + workspace / GIB
+        act = (typ["breakdown"].get("activations", 0) + typ["breakdown"].get("loss", 0)) * GIB
+        cudnn = causes.workspace_share(s.gpu) * act  # typical cuDNN workspaces, kept by the cache
+        worst_extra = causes.WORST_EXTRA_SHARE * act
+        t_high = (max(worst["again"], typ["train"]) + workspace + cudnn + worst_extra) / GIB
+        v_high = (max(worst["val"], worst["again"], typ["val"], typ["again"]) + workspace + cudnn + worst_extra) / GIB
         drivers = {"dense batches and changing shapes": max(worst["again"] - typ["train"], 0) / GIB,
                    "validation's cache kept": max(worst["val"] - typ["train"], 0) / GIB,
-                   "cuDNN workspace": workspace / GIB}
+                   "cuDNN workspace": workspace / GIB,
+                   "workspace-hungry algorithms and an epoch's fragmentation": worst_extra / GIB}
+        # The workspace is allocated while a convolution runs: in the allocated peak and its breakdown.
+        breakdown = {**typ["breakdown"], "workspace": round(typ["breakdown"].get("workspace", 0) + cudnn / GIB, 4)}
         return MemoryPrediction(
-            batch=batch, train_gb=typ["train"] / GIB, val_gb=max(typ["val"], typ["again"]) / GIB,
-            train_allocated_gb=typ["train_allocated"] / GIB, val_allocated_gb=typ["val_allocated"] / GIB,
-            breakdown=typ["breakdown"], seconds=round(time.perf_counter() - started, 2),
-            later_gb=typ["again"] / GIB, train_gb_high=t_high, val_gb_high=v_high,
+            batch=batch, train_gb=(typ["train"] + cudnn) / GIB, val_gb=(max(typ["val"], typ["again"]) + cudnn) / GIB,
+            train_allocated_gb=(typ["train_allocated"] + cudnn) / GIB, val_allocated_gb=(typ["val_allocated"] + cudnn) / GIB,
+            breakdown=breakdown, seconds=round(time.perf_counter() - started, 2),
+            later_gb=(typ["again"] + cudnn) / GIB, train_gb_high=t_high, val_gb_high=v_high,
             causes={k: round(x, 3) for k, x in drivers.items()})
 
 
