@@ -96,9 +96,7 @@ def main():
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@options.use("data", "model", "download", "epochs", "imgsz", "batch.requested", "device", "workers", "seed", "name",
-             "project", "resume", "augment", "batch.candidates", "batch.safety", "tensorboard", "mlflow", "grad_stats",
-             overrides=True)
+@options.use(*options.TRAIN, overrides=True)
 @_report_errors
 def train(**params):
     """Train a detector and record every iteration and epoch under PROJECT/NAME.
@@ -341,9 +339,7 @@ def compare(run_dirs, out):
 @click.option("--lr-scaling", type=click.Choice(["linear", "sqrt", "none"]), default=None,
               help="With --semantics true: lr0 x batch/64 (linear), x sqrt(batch/64) (sqrt) or unchanged. "
                    "Default: linear for SGD, sqrt for Adam-type optimizers.")
-@options.use("data", "model", "epochs", "imgsz", "device", "workers", "augment")
 @click.option("--name", default=None, help="Sweep folder name. Default: sweep-b<batches> (so a re-run continues it).")
-@options.use("project", "grad_stats")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: the runs one after another here. ray: one Ray task per run, in parallel on this machine's GPUs or on a cluster (pip install 'detector[ray]').")
 @click.option("--address", default=None, help="--backend ray: the cluster to join ('auto' or HOST:PORT). Default: start Ray on this machine for the sweep.")
@@ -351,7 +347,7 @@ def compare(run_dirs, out):
               help="--backend ray: GPUs each run reserves. Default: 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-run", type=float, default=None,
               help="--backend ray: CPUs each run reserves. Default: 1 with GPUs; without, all CPUs of the smallest node.")
-@options.use("tensorboard", "mlflow", overrides=True)
+@options.use(*options.SWEEP, overrides=True)
 @_report_errors
 def sweep(batches, seeds, semantics, lr_scaling, name, backend, address, gpus_per_run, cpus_per_run, **params):
     """Train one run per batch size and seed in one folder, then write the comparison there.

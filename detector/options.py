@@ -12,9 +12,13 @@ from pathlib import Path
 
 import click
 
-from detector.config import BatchOptions, TrainConfig, declared_options, parse_overrides
+from detector.config import SWEEP_OPTIONS, BatchOptions, TrainConfig, declared_options, parse_overrides
 
 OVERRIDES_METAVAR = "[KEY=VALUE]..."
+# `detector train` takes every declared option, in declaration order: a new field is a new flag there.
+TRAIN = tuple(declared_options())
+# `detector sweep` takes the options it hands to its runs (config.SWEEP_OPTIONS), and its folder's --project.
+SWEEP = (*(name for name in SWEEP_OPTIONS if name != "overrides"), "project")
 
 
 def param_name(f) -> str:

@@ -30,7 +30,8 @@ def _with(config: TrainConfig, name: str, value) -> TrainConfig:
 
 def _parsed(argv: list[str]) -> TrainConfig:
     """What `detector train ARGV` builds, through Click and the shared options."""
-    ctx = main.commands["train"].make_context("train", list(argv))
+    # The group's help names, as `detector train` has them: Click caches the help option on the command.
+    ctx = main.commands["train"].make_context("train", list(argv), help_option_names=["-h", "--help"])
     return options.train_config(ctx.params)
 
 
