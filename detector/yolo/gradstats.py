@@ -39,13 +39,14 @@ gives a 90% interval of B_simple (detector.gradnoise.bootstrap): grad_noise_scal
 and grad_noise_scale_high, the high one empty when unbounded.
 
 Cost: one flat copy of the gradients per capture (4 bytes per parameter), two dot
-products and one device sync; with accumulate = 1 two half-batch passes instead of one
-full one (tools/bench_overhead.py measures it, docs/benchmarks.md).
+products and one device sync; with accumulate = 1 the split steps, held to SPLIT_BUDGET
+(3%) of the training's time (tools/bench_overhead.py measures it, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -55,6 +56,11 @@ ITERATION_COLUMN = "grad_norm"
 EPOCH_COLUMNS = ("grad_noise_scale", "grad_noise_scale_low", "grad_noise_scale_high", "grad_norm_sq",
                  "grad_trace_sigma")
 MIN_HALF = 4  # images per half below which a step is not split (tiny batches: BatchNorm outliers)
+# With accumulate = 1 a step is split only while the splits' time (the first half's whole pass, counted in
+# full although the trainer's own pass shrinks to the other half) stays within this share of the training's
+# time since its first step; the other steps give no estimate. A split step costs about 1.5x a plain one
+# (docs/benchmarks.md), so splitting every step would cost a third of the training.
+SPLIT_BUDGET = 0.03
 BOX_KEYS = ("batch_idx", "cls", "bboxes")  # per-box tensors, indexed into the images by batch_idx
 
 
@@ -104,6 +110,8 @@ class GradNoise:
         self._trainer = None
         self._hooks: list = []
         self._first = None  # a split step: (the first half's loss items, its images, the second half's images)
+        self._clock: float | None = None  # when the first training step began (the split budget's start)
+        self._split_seconds = 0.0
         self._reset_group()
 
     def _reset_group(self) -> None:
@@ -137,7 +145,9 @@ class GradNoise:
                 or getattr(trainer, "accumulate", 1) != 1 or max(getattr(trainer, "world_size", 1), 1) > 1):
             return None
         n = len(batch["img"])
-        if n < 2 * MIN_HALF:
+        now = time.perf_counter()
+        self._clock = now if self._clock is None else self._clock
+        if n < 2 * MIN_HALF or self._split_seconds > SPLIT_BUDGET * (now - self._clock):
             return None
         first, second = halves(batch, n // 2)
         loss, items = module.loss(first)
@@ -147,6 +157,7 @@ class GradNoise:
         h = len(first["img"])
         self._capture(trainer, stepping=False, images=h)
         self._first = (items, h, n - h)
+        self._split_seconds += time.perf_counter() - now
         return (second, *args[1:])
 
     def _merge(self, module, args, output):
