@@ -5,8 +5,9 @@ loader's workers) and holds it for the training step time of a named GPU and mod
 sleeping as the training process mostly does while the GPU works; the time it spends in
 next() is the time that GPU would sit idle. The wait share is wait / (wait + steps).
 Each loader runs in its own process, pinned with `taskset` to the first N cores (N = 2,
-then 8) and started with N workers, as `detector train` chooses them on a GPU. Core
-counts above what this machine grants are reported as not measured.
+then 8) and started with N workers, as `detector train` chooses them on a GPU; the two
+loaders alternate over --repeat rounds and each cell is the median. Core counts above
+what this machine grants are reported as not measured.
 
 Step times (batch 16, imgsz 640, mixed precision) are estimates derived from published figures:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,6 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="yolo11n,yolo11s,yolo11m")
     p.add_argument("--step-ms", type=float, default=None, help="one measured step time instead of the table")
     p.add_argument("--batches", type=int, default=16, help="measured batches per step time (after settling)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="rounds per core count, the loaders' order reversed every other round; cells show medians")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -142,10 +146,15 @@ def main(argv=None) -> None:
                 continue
             spec = {"data": str(mirror), "imgsz": args.imgsz, "batch": args.batch, "workers": cores,
                     "batches": args.batches, "steps": steps}
-            results[cores] = {name: run_child({**spec, "loader": name}, cores) for name in LOADERS}
-            print(f"{cores} cores: " + ", ".join(f"{n} {r['images_per_s']:.0f} images/s alone"
-                                                 for n, r in results[cores].items())
-                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+            rounds: dict[str, list[dict]] = {name: [] for name in LOADERS}
+            for k in range(args.repeat):
+                for name in LOADERS if k % 2 == 0 else LOADERS[::-1]:
+                    rounds[name].append(run_child({**spec, "loader": name}, cores))
+                print(f"{cores} cores, round {k + 1}: " + ", ".join(
+                    f"{n} {r[-1]['images_per_s']:.0f} images/s alone" for n, r in rounds.items())
+                      + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+            results[cores] = {name: {"wait": {key: statistics.median(r["wait"][key] for r in rs) for key in steps}}
+                              for name, rs in rounds.items()}
     print_table(steps, results, [int(c) for c in args.cores.split(",")])
 
 

@@ -3,7 +3,7 @@
 Ultralytics builds a 2s x 2s mosaic canvas (a 4.9 MB fill and copy at imgsz 640),
 warps it into the s x s output with cv2.warpAffine, converts to HSV and back with a
 three-channel LUT, flips with a strided view that Format then copies, and wraps every
-step in label objects. Measured per stage in docs/benchmarks.md ("Loader stages").
+step in label objects. Measured per stage in docs/benchmarks.md ("Twice stock, and when the GPU starves").
 
 Here each mosaic tile goes straight into the output: with Ultralytics' default
 affine (scale and translate only) the tile's visible part is one cv2.resize into its
