@@ -129,7 +129,7 @@ def _exact(model, x, y) -> tuple[float, float]:
     return float(G @ G), float(((g - G) ** 2).sum(1).mean())
 
 
-def _train_linear(accumulate: int, steps: int = 500, lr: float = 0.3, b: int = 16):
+def _train_linear(accumulate: int, steps: int = 500, lr: float = 0.3, b: int = 16, split_budget: float = math.inf):
     """SGD on the linear model with the real GradNoise fed as the trainer feeds it; (epoch extras, exact, items).
 
     The weights move at every step (lr 0.3 against a curvature of 2: the gradient turns between
@@ -146,7 +146,7 @@ def _train_linear(accumulate: int, steps: int = 500, lr: float = 0.3, b: int = 1
     model = _Linear(dim)
     scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 1024.0, scale=lambda t: t * 1024.0)  # AMP
     trainer = SimpleNamespace(model=model, world_size=1, scaler=scaler, epoch=0, accumulate=accumulate)
-    meter = GradNoise(Progress())
+    meter = GradNoise(Progress(), split_budget=split_budget)  # the estimator itself: every step may split
     meter.on_pretrain_routine_end(trainer)
     meter.on_train_epoch_start(trainer)
     g2s, traces, items, norms, j = [], [], [], [], 0
@@ -186,6 +186,14 @@ def test_meter_agrees_with_exact_noise_scale_while_weights_move(accumulate):
     assert all(v is not None and v > 0 for v in norms)
     # the trainer still logs the whole batch's loss (the halves' image-weighted mean)
     assert [a for a, _ in items] == pytest.approx([c for _, c in items], rel=1e-5)
+
+
+def test_split_budget_limits_the_split_steps():
+    """With no time to spend, only the first step (nothing spent yet) is split: one estimate, no interval."""
+    extra, _, _, _ = _train_linear(1, steps=40, split_budget=0.0)
+    assert extra["grad_noise_scale_low"] is None and extra["grad_noise_scale_high"] is None  # under 4 estimates
+    everything, _, _, _ = _train_linear(1, steps=40)
+    assert everything["grad_noise_scale_high"] is not None  # the same steps, all split: an interval
 
 
 def test_pairing_consecutive_steps_would_fail_the_same_check():

@@ -27,6 +27,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import math
+
 import torch
 
 from detector.gradnoise import exhaustive
@@ -51,7 +53,7 @@ def _flat(params) -> torch.Tensor:
 
 def _meter(trainer, model, loader, accumulate: int) -> tuple[GradNoise, SimpleNamespace]:
     stub = SimpleNamespace(model=model, train_loader=loader, world_size=1, scaler=None, epoch=0, accumulate=accumulate)
-    meter = GradNoise(Progress())
+    meter = GradNoise(Progress(), split_budget=math.inf)  # at fixed weights every batch is split
     meter.on_pretrain_routine_end(stub)
     meter.on_train_epoch_start(stub)
     return meter, stub

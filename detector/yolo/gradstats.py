@@ -101,8 +101,9 @@ def _mix(a, b, wa: float, wb: float):
 class GradNoise:
     """Per-iteration gradient norm and per-epoch B_simple with its interval, through the shared Progress' extras."""
 
-    def __init__(self, progress):
+    def __init__(self, progress, split_budget: float | None = None):
         self.p = progress
+        self.split_budget = SPLIT_BUDGET if split_budget is None else split_budget  # inf: split every step
         self.avg = NoiseAverage()
         self._params: list = []
         self._epoch: int | None = None
@@ -147,7 +148,7 @@ class GradNoise:
         n = len(batch["img"])
         now = time.perf_counter()
         self._clock = now if self._clock is None else self._clock
-        if n < 2 * MIN_HALF or self._split_seconds > SPLIT_BUDGET * (now - self._clock):
+        if n < 2 * MIN_HALF or self._split_seconds > self.split_budget * (now - self._clock):
             return None
         first, second = halves(batch, n // 2)
         loss, items = module.loss(first)
