@@ -77,11 +77,11 @@ def trainers() -> dict:
             "no grad stats": None, "recorded": None}
 
 
-def time_grad_meter(spent: list[float]) -> None:
-    """Add the time of every gradient capture (optimizer_step and end of iteration) to spent[0]."""
+def _timed_method(name: str, spent: list[float]) -> None:
+    """Add the time of every call of GradNoise.<name> to spent[0]."""
     from detector.yolo import gradstats
 
-    original = gradstats.GradNoise._capture
+    original = getattr(gradstats.GradNoise, name)
 
     def timed(self, *a, **k):
         t = time.perf_counter()
@@ -90,23 +90,17 @@ def time_grad_meter(spent: list[float]) -> None:
         finally:
             spent[0] += time.perf_counter() - t
 
-    gradstats.GradNoise._capture = timed
+    setattr(gradstats.GradNoise, name, timed)
+
+
+def time_grad_meter(spent: list[float]) -> None:
+    """Add the time of every gradient capture (optimizer_step and end of iteration) to spent[0]."""
+    _timed_method("_capture", spent)
 
 
 def time_split(spent: list[float]) -> None:
     """Add the time of the accumulate-1 split hook (the first half's forward, backward, capture) to spent[0]."""
-    from detector.yolo import gradstats
-
-    original = gradstats.GradNoise._split
-
-    def timed(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return original(self, *a, **k)
-        finally:
-            spent[0] += time.perf_counter() - t
-
-    gradstats.GradNoise._split = timed
+    _timed_method("_split", spent)
 
 
 def step_timing(args, data_yaml: Path) -> None:
