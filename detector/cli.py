@@ -205,7 +205,6 @@ def datasets_convert(fmt, annotations, images_dir, out, split, keep_crowd, keep_
     from detector.data import convert as dataset_convert
     from detector.data import datasets as ds
 
-    paths.check_writes([out / "images" / split, out / "labels" / split], [annotations, images_dir], dataset_ok=True)
     result = dataset_convert.convert(fmt, annotations, images_dir, out, split, keep_crowd=keep_crowd,
                                      keep_difficult=keep_difficult, link=symlink)
     for line in result.lines():
@@ -295,7 +294,6 @@ def augment_preview(data, augment, batch, seed, imgsz, out, overrides):
 
     req = pv.PreviewRequest(out=out, data=data, augment=augment, batch=batch, seed=seed, imgsz=imgsz,
                             overrides=parse_overrides(overrides))
-    paths.check_writes([Path(out).expanduser().absolute().parent], what="--out")
     shown = pv.preview(req)
     click.echo(f"{shown['pipeline']}")
     click.echo(f"wrote {shown['out']}: {shown['images']} images, {shown['boxes']} boxes, "
@@ -324,9 +322,7 @@ def compare(run_dirs, out):
     """
     from detector.report import render
 
-    out = out if out is not None else render.default_out(run_dirs)
-    paths.check_writes([out], what="--out")
-    html = render.compare(run_dirs, out)
+    html = render.compare(run_dirs, out if out is not None else render.default_out(run_dirs))
     click.echo(f"Report: {html} (Markdown: {html.with_name(render.REPORT_MD)}, plots in {html.parent / 'plots'})")
 
 
@@ -428,8 +424,6 @@ def export_cmd(source, fmt, imgsz, half, dynamic, simplify, opset, out, images, 
         source=source, format=fmt.lower(), imgsz=imgsz, half=half, dynamic=dynamic, simplify=simplify, opset=opset,
         out=out, images=images, parity_images=parity_images, conf=conf,
     )
-    if out is not None:
-        paths.check_writes([out], [source], allow_run=paths.enclosing_run(source))
     exported = exporting.run(config)
     click.echo(f"Exported: {exported} (figures in {exported.parent / 'export.json'})")
 

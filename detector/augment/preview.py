@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector import fileio, runtime
+from detector import fileio, paths, runtime
 from detector.augment import pipelines as augment
 from detector.data import datasets
 from detector.data import synth
@@ -47,6 +47,7 @@ def preview(req: PreviewRequest) -> dict:
 
     if req.batch < 1:
         raise UsageError(f"--batch must be at least 1, not {req.batch}")
+    paths.check_writes([Path(req.out).expanduser().absolute().parent], what="--out")
     overrides, imgsz = dict(req.overrides), req.imgsz
     if req.data is None:
         overrides = {**BUILTIN_OVERRIDES, **overrides}

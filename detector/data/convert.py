@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from detector import fileio
+from detector import fileio, paths
 from detector.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -109,6 +109,8 @@ def from_coco(instances: Path, images_dir: Path, out: Path, split: str = "train"
 def convert(fmt: str, annotations: Path, images_dir: Path, out: Path, split: str = "train", keep_crowd: bool = False,
             keep_difficult: bool = False, link: bool = False) -> ConvertResult:
     """Convert COCO ('coco') or Pascal VOC ('voc') annotations into a YOLO dataset under out."""
+    out = Path(out)
+    paths.check_writes([out / "images" / split, out / "labels" / split], [annotations, images_dir], dataset_ok=True)
     if fmt == "coco":
         return from_coco(annotations, images_dir, out, split, keep_crowd=keep_crowd, link=link)
     return from_voc(annotations, images_dir, out, split, keep_difficult=keep_difficult, link=link)

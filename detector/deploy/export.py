@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from detector import fileio
+from detector import fileio, paths
 from detector.deploy import parity
 from detector.data import sources
 from detector.errors import DetectorError, DiskFull, ExportError, ModelError, RunDirError, UsageError
@@ -102,6 +102,8 @@ def run(config: ExportConfig) -> Path:
     from detector.yolo import checks, inference
 
     check_config(config, inference.export_formats())
+    if config.out is not None:  # beside the weights is the run's own folder; anywhere else, the path rule
+        paths.check_writes([config.out], [config.source], allow_run=paths.enclosing_run(config.source))
     weights, run_dir = resolve_weights(config.source)
     model_defaults = inference.model_defaults(inference.load_model(weights))
     imgsz = config.imgsz or int(model_defaults["imgsz"] or 640)

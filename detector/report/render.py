@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from detector import fileio
+from detector import fileio, paths
 from detector.errors import RunDirError
 from detector.record import runs
 from detector.report import emit, plots, sections
@@ -42,6 +42,7 @@ def compare(run_dirs, out_dir: str | Path) -> Path:
     only once complete (detector.fileio.filling): a kill or a full disk leaves the
     previous report whole, and a folder this call created is removed again.
     """
+    paths.check_writes([out_dir], what="--out")  # never inside a dataset or a run folder
     comp = analyse(load_runs(run_dirs))
     out = Path(out_dir).expanduser().resolve()
     new = not out.exists()
