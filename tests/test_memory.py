@@ -8,6 +8,8 @@ decision per GPU size is batching.decide_gpu fed with predictions, as on CUDA.
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -83,7 +85,8 @@ def test_box_load_from_real_counts():
 # -- the fake run against a real CPU run ------------------------------------------------------------------------
 
 
-def test_fake_peak_equals_real_cpu_run():
+@pytest.mark.parametrize("version", ["", "8.0.20", "8.0.60", "8.3.40"])  # the assigner of each era
+def test_fake_peak_equals_real_cpu_run(version):
     """Same steps, same tracker: the fake run's trace is byte for byte the real CPU run's."""
     import torch
 
@@ -92,13 +95,53 @@ def test_fake_peak_equals_real_cpu_run():
 
     torch.manual_seed(0)
     model = fakerun.build_model("yolo11n.yaml", 3)
-    spec = fakerun.StepSpec(batch=2, imgsz=64, boxes=3, val_boxes=2, amp="off")
+    spec = fakerun.StepSpec(batch=2, imgsz=64, boxes=3, val_boxes=2, amp="off", ultralytics=version)
     recorded = RecordingPlanner()
     real = fakerun.run(model, spec, recorded, fake=False)
     fake = fakerun.run(model, spec, ReplayPlanner(recorded.answers), fake=True)
     assert [e[0] for e in fake.events] == [e[0] for e in real.events]
     assert _peak(fake.events) == _peak(real.events) > 0
     assert len(fake.grads) == len(real.grads) and len(fake.state) == len(real.state) > 0
+
+
+@pytest.mark.parametrize("version, era", [
+    ("8.0.20", "8.0-full-ciou"), ("8.0.51", "8.0-full-ciou"), ("8.0.52", "8.0-one-hot"), ("8.0.95", "8.0-one-hot"),
+    ("8.0.96", "8.0-repeat"), ("8.0.106", "8.0-repeat"), ("8.0.107", "float-masks"), ("8.3.89", "float-masks"),
+    ("8.4.90", "float-masks"), ("8.4.91", "current"), ("", "current")])
+def test_assigner_era_by_release(version, era):
+    from detector.yolo import assigners
+
+    assert assigners.era(version) == era
+
+
+def test_older_assigners_cost_more_on_dense_images():
+    """Each older era's tensors come on top of the installed assigner's: more boxes, more bytes, 8.0.20 most."""
+    from detector.yolo import memory
+
+    def loss_gib(version, boxes):
+        mm = memory.MemoryModel(memory.MemorySettings(model="yolo11n.yaml", nc=3, imgsz=320, train_boxes=boxes,
+                                                      val_boxes=2, ultralytics=version))
+        return _peak(mm.trace(4, boxes, 2).events) / 2**30
+
+    now, mid, old = (loss_gib(v, 60) for v in ("", "8.3.40", "8.0.20"))
+    assert now < mid < old
+    assert loss_gib("8.0.20", 10) < old
+
+
+def test_forked_pair_matches_sequential_calls():
+    from detector.yolo import forked
+
+    def work(n, tag):
+        if tag == "fail-in-child" and os.getpid() != parent:
+            raise RuntimeError("child only")
+        return [tag] * n, os.getpid()
+
+    parent = os.getpid()
+    (a, pid_a), (b, pid_b) = forked.both(work, (2, "x"), (3, "y"))
+    assert a == ["x", "x"] and b == ["y"] * 3 and pid_a == parent
+    assert pid_b != parent or not sys.platform.startswith("linux")  # computed in the child where fork is used
+    _, (c, pid_c) = forked.both(work, (1, "x"), (2, "fail-in-child"))  # a failing child: redone here
+    assert c == ["fail-in-child"] * 2 and pid_c == parent
 
 
 def test_rescaled_trace_equals_a_direct_trace():

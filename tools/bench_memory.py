@@ -19,6 +19,7 @@ import csv
 import math
 import re
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -80,6 +81,16 @@ CALIBRATION = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpu_m
 # Rows the model cannot be held to, with the reason (kept in the CSV, shown in the table).
 UNUSABLE = {"rtx2060-parking-v8n-256": "epoch 1 holds 4.6 GB that later epochs give back (not the training's)"}
 EPOCHS_SEEN = 100  # the worst epoch: the densest batch over this many epochs of mosaics
+# Box counts per image where the dataset is not at hand, as gamma distributions of the published mean:
+# - a mosaic image's count varies with a coefficient of variation of 0.71 (median over 60 calibration logs
+#   of the Instances column at each epoch's last batch, scaled by the root of that batch's size; middle
+#   half 0.58-0.87, dense sets included: the crop's random scale dominates), so MOSAIC_CV;
+# - a validation image is one image: counts scatter like a Poisson count around a rate that varies from
+#   image to image (negative binomial), CV^2 = 1/mean + 1/SCENE_SHAPE. Sparse sets come out near
+#   exponential; dense ones (craters, players on a pitch, traffic signs) are more alike image to image,
+#   as their published GPU_mem shows (validation adds under 0.5 GiB on the crater rows).
+MOSAIC_CV = 0.71
+SCENE_SHAPE = 4.0
 
 
 def row_arch(model: str) -> str:
@@ -90,22 +101,22 @@ def row_arch(model: str) -> str:
     return f"{name}.yaml"
 
 
-def densest_of(mean: float, samples: int, tiles: int) -> int:
-    """The densest of `samples` images whose box count is the sum of `tiles` exponential counts of mean/tiles.
+def densest_of(mean: float, samples: int, cv: float) -> int:
+    """The densest of `samples` images whose box count is gamma-distributed with this mean and CV.
 
-    Box counts per image are skewed (exponential-like); a mosaic sums four images' counts (Erlang-4),
-    a validation image is one (exponential). The loss pads every image of a batch to the batch's
-    densest, and reserved memory keeps the largest batch of the epoch: this quantile 1 - 1/samples.
+    The loss pads every image of a batch to the batch's densest, and reserved memory keeps the largest
+    batch of the epoch: the quantile 1 - 1/samples (Wilson-Hilferty's cube-root normal approximation).
     """
     if mean <= 0:
         return 1
-    rate, target = tiles / mean, 1.0 / max(samples, 2)
-    lo, hi = 0.0, mean * 50
-    for _ in range(60):
-        x = (lo + hi) / 2
-        tail = math.exp(-rate * x) * sum((rate * x) ** i / math.factorial(i) for i in range(tiles))
-        lo, hi = (x, hi) if tail > target else (lo, x)
-    return max(int(math.ceil(hi)), 1)
+    k = 1.0 / max(cv, 1e-3) ** 2
+    z = statistics.NormalDist().inv_cdf(1.0 - 1.0 / max(samples, 2))
+    q = k * max(1.0 - 1.0 / (9 * k) + z / (3 * math.sqrt(k)), 0.0) ** 3
+    return max(int(math.ceil(mean / k * q)), 1)
+
+
+def validation_cv(mean: float) -> float:
+    return math.sqrt(1.0 / max(mean, 1e-3) + 1.0 / SCENE_SHAPE)
 
 
 def row_settings(row: dict) -> tuple:
@@ -117,13 +128,14 @@ def row_settings(row: dict) -> tuple:
     last = n_train % batch or batch
     per_train = float(row["instances_last_batch_median"]) / min(last, n_train)
     per_val = int(row["val_instances"]) / max(n_val, 1)
-    k = densest_of(per_train, n_train, facts.MOSAIC_BOX_FACTOR)
-    v = densest_of(per_val, n_val, 1)
+    k = densest_of(per_train, n_train, MOSAIC_CV)
+    v = densest_of(per_val, n_val, validation_cv(per_val))
     settings = memory.MemorySettings(
         model=row_arch(row["model"]), nc=int(row["classes"]), imgsz=facts.stride_multiple(int(row["imgsz"])),
         amp=memory.parse_amp(row["amp"] or "true"), optimizer="AdamW", train_boxes=k, val_boxes=v,
-        train_boxes_high=densest_of(per_train, n_train * EPOCHS_SEEN, facts.MOSAIC_BOX_FACTOR),
-        val_boxes_high=densest_of(per_val, n_val * EPOCHS_SEEN, 1), ultralytics=row["ultralytics"],
+        # New mosaics every epoch, but the same validation images: its densest is the typical one.
+        train_boxes_high=densest_of(per_train, n_train * EPOCHS_SEEN, MOSAIC_CV),
+        val_boxes_high=v, ultralytics=row["ultralytics"],
         total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val, gpu=row["gpu"])
     return settings, batch
 
@@ -154,36 +166,46 @@ def calibrate(rows=None, progress=None) -> list[dict]:
             unit = memcauses.gpu_mem_unit(row["ultralytics"]) / 2**30
             out.append({"id": row["id"], "row": row, "prediction": p, "unit": "GiB" if unit == 1 else "GB",
                         "epoch1": (p.train_gb / unit, p.train_gb_high / unit, float(row["epoch1_gpu_mem"])),
-                        "later": (p.later_gb / unit, p.peak_gb_high / unit, float(row["later_gpu_mem"]))})
+                        "later": (p.later_gb / unit, p.peak_gb_high / unit, float(row["later_gpu_mem"])),
+                        "worst": float(row["worst_gpu_mem"])})
             if progress:
                 progress(out[-1])
     return out
 
 
 def summary(results: list[dict]) -> dict:
-    """How many rows the typical prediction holds within 15%, and the upper bound's coverage and excess."""
-    pairs = [r[k] for r in results for k in ("later",)]
+    """The typical figure against epoch 2's GPU_mem (within 15%?); the upper bound against the worst epoch's.
+
+    The bound is the worst epoch's reservation, so it is held to the largest GPU_mem the log shows from
+    epoch 2 until mosaic closes (`worst_gpu_mem`), not to epoch 2's.
+    """
+    pairs = [r["later"] for r in results]
+    bounds = [(r["later"][1], r["worst"]) for r in results]
     within = sum(abs(t / real - 1) <= 0.15 for t, _, real in pairs)
-    covered = sum(h >= real for _, h, real in pairs)
+    covered = sum(h >= worst for h, worst in bounds)
     return {"rows": len(pairs), "within_15pct": within, "bound_covers": covered,
-            "max_bound_over_real": round(max((h / real for _, h, real in pairs), default=0), 2),
+            "max_bound_over_real": round(max((h / worst for h, worst in bounds), default=0), 2),
+            "bound_over_1_6": sum(h > 1.6 * worst for h, worst in bounds),
             "median_error": round(sorted(t / real - 1 for t, _, real in pairs)[len(pairs) // 2], 3) if pairs else 0}
 
 
 def calibration_table(results: list[dict]) -> list[str]:
-    """Markdown: per row predicted typical and high against real, epoch 1 and epoch 2, then the summary."""
-    lines = ["| row | Ultralytics | model | batch | imgsz | epoch 1: typical / high / real | error | "
-             "epoch 2: typical / high / real | error | high / real |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: per row typical against epochs 1 and 2, the bound against the worst epoch, then the summary."""
+    lines = ["| row | Ultralytics | model | batch | imgsz | epoch 1: typical / real | error | "
+             "epoch 2: typical / real | error | bound / worst epoch's real | bound / real |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        row, e1, l2 = r["row"], r["epoch1"], r["later"]
+        row, e1, l2, worst = r["row"], r["epoch1"], r["later"], r["worst"]
         lines.append(f"| {r['id']} | {row['ultralytics']} | {row_arch(row['model']).removesuffix('.yaml')} | "
-                     f"{row['batch']} | {row['imgsz']} | {e1[0]:.2f} / {e1[1]:.2f} / {e1[2]:g} {r['unit']} | "
-                     f"{e1[0] / e1[2] - 1:+.0%} | {l2[0]:.2f} / {l2[1]:.2f} / {l2[2]:g} {r['unit']} | "
-                     f"{l2[0] / l2[2] - 1:+.0%} | {l2[1] / l2[2]:.2f} |")
+                     f"{row['batch']} | {row['imgsz']} | {e1[0]:.2f} / {e1[2]:g} {r['unit']} | "
+                     f"{e1[0] / e1[2] - 1:+.0%} | {l2[0]:.2f} / {l2[2]:g} {r['unit']} | "
+                     f"{l2[0] / l2[2] - 1:+.0%} | {l2[1]:.2f} / {worst:g} (epoch {row['worst_epoch']}) | "
+                     f"{l2[1] / worst:.2f} |")
     s = summary(results)
     lines += ["", f"Epoch 2 (GPU_mem after validation): typical within ±15% on {s['within_15pct']} of {s['rows']} rows, "
-              f"median error {s['median_error']:+.0%}; the upper bound at or above the real figure on "
-              f"{s['bound_covers']} of {s['rows']}, at most {s['max_bound_over_real']:.2f}x it. Not used: "
+              f"median error {s['median_error']:+.0%}. The upper bound against the worst epoch the log shows (epoch 2 "
+              f"until mosaic closes): at or above it on {s['bound_covers']} of {s['rows']}, above 1.6x it on "
+              f"{s['bound_over_1_6']}, at most {s['max_bound_over_real']:.2f}x. Not used: "
               + "; ".join(f"{k} ({v})" for k, v in UNUSABLE.items()) + "."]
     return lines
 

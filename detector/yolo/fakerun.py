@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from detector import facts
+from detector.yolo import assigners
 from detector.yolo.tracking import CudaAutocast, Planner, StorageTracker
 
 AMP_DTYPES = {"on": torch.float16, "bf16": torch.bfloat16, "off": None}
@@ -36,6 +37,7 @@ class StepSpec:
     optimizer: str = "AdamW"
     nbs: int = facts.NBS
     val: bool = True
+    ultralytics: str = ""  # the release whose label assigner the loss replays (detector.yolo.assigners)
 
 
 @dataclass
@@ -94,7 +96,7 @@ def run(prepared: Prepared | object, spec: StepSpec, planner: Planner | None, fa
     prepared.reset()
     model, ema, mode = prepared.model, prepared.ema, prepared.mode
     tracker = StorageTracker(planner)
-    with (mode if mode is not None else _nothing()):
+    with (mode if mode is not None else _nothing()), assigners.replaying(spec.ultralytics):
         tracker.adopt(_tensors(model), "weights")
         tracker.adopt(_tensors(ema), "ema")
         with tracker:

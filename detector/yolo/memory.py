@@ -13,6 +13,9 @@ CPU cannot see are added and stated:
   trace cannot see it (CPU convolutions take none): CUDNN_WORKSPACE_BYTES (64 MiB)
   held from the start, plus a share of the training peak's activations that
   depends on the GPU's generation (memcauses.workspace_share): in reserved.
+- the label assigner of the release that trains (settings.ultralytics): releases before 8.4.91
+  built (batch, boxes, anchors) tensors in float32 and int64 that the installed one does not;
+  the trace replays them (detector.yolo.assigners), so one traced family per assigner era.
 - CUDA context (driver, kernels, cuDNN/cuBLAS code): outside reserved, CUDA_CONTEXT_GB,
   what a recent driver with lazy module loading uses for PyTorch on an Ampere or newer GPU.
 """
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from detector import facts
 from detector.config import DEFAULT_MODEL
 from detector.errors import ModelError, UsageError
-from detector.yolo import fakerun, memcauses as causes, memscale
+from detector.yolo import assigners, fakerun, forked, memcauses as causes, memscale
 from detector.yolo.allocator import CachingAllocator, round_size
 from detector.yolo.tracking import Planner
 
@@ -55,7 +58,7 @@ class MemorySettings:
     nbs: int = facts.NBS
     train_boxes_high: int | None = None  # the densest training batch the run can meet (None: train_boxes)
     val_boxes_high: int | None = None
-    ultralytics: str = ""  # the version that trains ("" = the installed one); its epoch-end cache rule
+    ultralytics: str = ""  # the version that trains ("" = the installed one): its cache rule and label assigner
     total_gb: float | None = None  # the GPU's memory, for 8.3's "empty the cache above half" rule
     train_images: int = 0  # 0 = unknown: a batch larger than the dataset holds only the dataset
     val_images: int = 0
@@ -130,25 +133,26 @@ class MemoryModel:
         strides = fakerun.level_strides(self._model)
         self._anchors = fakerun.anchors_per_box(settings.imgsz, strides, BOX_FRACTION)
         self._prepared = fakerun.Prepared(self._model, fake=True)
-        self._family = None
+        self._families: dict = {}  # by the label assigner's era (detector.yolo.assigners): traced once each
 
     def trace(self, batch: int, boxes: int, val_boxes: int) -> fakerun.Trace:
         """One fake run: two training iterations and a validation batch at 2 x batch."""
         s = self.settings
         spec = fakerun.StepSpec(batch=batch, imgsz=s.imgsz, boxes=boxes, val_boxes=val_boxes, amp=s.amp,
-                                optimizer=s.optimizer, nbs=s.nbs)
+                                optimizer=s.optimizer, nbs=s.nbs, ultralytics=s.ultralytics)
         with _quiet():
             return fakerun.run(self._prepared, spec, Planner(boxes, self._anchors), fake=True)
 
     def family(self) -> memscale.TraceFamily:
-        """The two reference traces, made once: every batch and box count is a rescaling of them."""
-        if self._family is None:
-            s, b = self.settings, REFERENCE_BATCH
+        """The two reference traces, made once per assigner era: every batch and box count is a rescaling of them."""
+        s, b = self.settings, REFERENCE_BATCH
+        key = assigners.era(s.ultralytics)
+        if key not in self._families:
             k, v = max(s.train_boxes, 1), max(s.val_boxes, 1)
-            self._family = memscale.TraceFamily.from_traces(
-                self.trace(b, k, v), self.trace(memscale.BATCH_STEP * b, memscale.BOX_STEP * k,
-                                                memscale.BOX_STEP * v), b, k, v)
-        return self._family
+            step = memscale.BATCH_STEP * b, memscale.BOX_STEP * k, memscale.BOX_STEP * v
+            first, second = forked.both(self.trace, (b, k, v), step)  # on two cores where there are two
+            self._families[key] = memscale.TraceFamily.from_traces(first, second, b, k, v)
+        return self._families[key]
 
     def predict(self, batch: int, train_boxes: int | None = None, val_boxes: int | None = None) -> MemoryPrediction:
         """Typical and worst-case reserved GiB at `batch` (box counts default to the settings')."""
