@@ -144,6 +144,25 @@ def test_forked_pair_matches_sequential_calls():
     assert c == ["fail-in-child"] * 2 and pid_c == parent
 
 
+def test_forked_child_that_hangs_is_stopped_and_the_call_redone(monkeypatch):
+    import time
+
+    from detector.yolo import forked
+
+    parent = os.getpid()
+
+    def work(tag):
+        if tag == "hang" and os.getpid() != parent:
+            time.sleep(3600)
+        return tag, os.getpid()
+
+    real_collect = forked._collect
+    monkeypatch.setattr(forked, "_collect", lambda read, pid, deadline: real_collect(read, pid, time.monotonic() + 1))
+    started = time.monotonic()
+    _, (b, pid_b) = forked.both(work, ("x",), ("hang",))
+    assert b == "hang" and pid_b == parent and time.monotonic() - started < 30
+
+
 def test_rescaled_trace_equals_a_direct_trace():
     """Two reference traces rescaled to another batch and box count give the direct trace's sizes."""
     from detector.yolo import memory
@@ -274,6 +293,16 @@ def test_gpu_sizes_parse():
     assert gpuplan.parse_gpu_sizes("24,8, 16GB") == (8.0, 16.0, 24.0)
     with pytest.raises(UsageError):
         gpuplan.parse_gpu_sizes("inf")
+
+
+def test_plan_without_a_dataset_uses_ultralytics_defaults():
+    """--classes and --boxes-per-image plan for the user's own data: mosaic on (x4 boxes), nbs 64, imgsz 640."""
+    result = CliRunner().invoke(main, ["batch", "--gpu-memory", "24", "--classes", "3", "--boxes-per-image", "10",
+                                       "--batch-candidates", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["settings"]["imgsz"] == 640 and doc["settings"]["train_boxes_per_image"] == 40
+    assert doc["settings"]["densest_image_boxes"] == 10 and doc["settings"]["box_statistics"] == "densest"
 
 
 def test_batch_gpu_memory_json_end_to_end(tiny_data):

@@ -60,7 +60,7 @@ def test_quickstart_notebook_runs_and_shows_runs_tables_and_the_report(kernel_en
     client.execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not [o for c in code for o in c.outputs if o["output_type"] == "error"]
-    train, shown, epochs, iterations, opened, compared = code
+    train, shown, epochs, iterations, opened, planned, compared = code
     # training: one line per epoch from the record, none of Ultralytics' per-iteration bars
     text = stream(train)
     print(text)  # shown with -s: what a notebook user sees while the cell trains
@@ -70,6 +70,8 @@ def test_quickstart_notebook_runs_and_shows_runs_tables_and_the_report(kernel_en
     assert "<table" in outputs(epochs, "text/html")[0] and "map50_95" in outputs(epochs, "text/plain")[0]
     assert "lr" in outputs(iterations, "text/plain")[0]
     assert outputs(opened, "text/plain")[0] == "('completed', 16, 16, 'best.pt')"
+    # the memory model inside a kernel: its second reference trace runs in a forked child of the kernel
+    assert outputs(planned, "text/plain")[0] == "{'8': 64, '24': 64}"
     assert "nb-b32 epoch 2/2:" in stream(compared)
     page = outputs(compared, "text/html")[0]
     assert page.startswith("<iframe") and "nb-b16" in page and "nb-b32" in page

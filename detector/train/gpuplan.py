@@ -132,11 +132,13 @@ def _dataset_facts(config: TrainConfig, classes, boxes):
     from detector.train.preflight import prepare
 
     if classes is not None and boxes is not None:
-        from detector.config import check_options, with_builtin_defaults
+        from detector.config import check_options
         from detector.yolo import checks
 
         check_options(config)
-        config = with_builtin_defaults(replace(config, overrides=checks.expand_cfg(config.overrides)))
+        # A plan for the user's own dataset, which need not exist yet: Ultralytics' defaults (mosaic on,
+        # nbs 64, imgsz 640), not the built-in demo's (mosaic off, nbs 16, imgsz 128).
+        config = replace(config, overrides=checks.expand_cfg(config.overrides))
         checks.check_overrides(config.overrides)
         model = checks.check_model(config.model)
         return [str(i) for i in range(classes)], 0, boxes, config, model, None

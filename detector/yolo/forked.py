@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
+import signal
 import sys
+import time
 
 
 def both(fn, first: tuple, second: tuple) -> tuple:
@@ -24,8 +27,14 @@ def both(fn, first: tuple, second: tuple) -> tuple:
         os.close(read)
         code = 0
         try:
+            import logging
+
             import torch
 
+            # Only the parent speaks: a notebook kernel's output streams and log handlers belong to threads
+            # that a forked child does not have.
+            logging.disable(logging.CRITICAL)
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (the child ends with os._exit)
             torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
             payload = pickle.dumps(("ok", fn(*second)), protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as e:  # noqa: BLE001  (anything: the parent redoes the call itself)
@@ -34,14 +43,33 @@ def both(fn, first: tuple, second: tuple) -> tuple:
             out.write(payload)
         os._exit(code)
     os.close(write)
+    started = time.monotonic()
     try:
         a = fn(*first)
     finally:
-        with os.fdopen(read, "rb") as inp:
-            data = inp.read()
-        os.waitpid(pid, 0)
+        # The child does the same work as the parent: one that is still silent long after is stuck (a lock
+        # some other thread held at the fork), and is stopped; the parent then does the call itself.
+        data = _collect(read, pid, deadline=time.monotonic() + max(30.0, 2 * (time.monotonic() - started)))
     try:
         status, b = pickle.loads(data)
     except (pickle.UnpicklingError, EOFError, ValueError):
         status = "error"
     return (a, b) if status == "ok" else (a, fn(*second))
+
+
+def _collect(read: int, pid: int, deadline: float) -> bytes:
+    """Everything the child writes until it closes the pipe, or b"" (and the child killed) past the deadline."""
+    chunks = []
+    with os.fdopen(read, "rb", buffering=0) as inp:
+        while True:
+            ready, _, _ = select.select([inp], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                chunks = []
+                break
+            chunk = inp.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.waitpid(pid, 0)
+    return b"".join(chunks)
