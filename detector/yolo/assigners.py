@@ -34,7 +34,7 @@ from detector.yolo.memcauses import version_tuple
 
 FULL_CIOU_UNTIL = (8, 0, 51)
 ONE_HOT_UNTIL = (8, 0, 95)
-REPEAT_FROM, REPEAT_UNTIL = (8, 0, 52), (8, 0, 106)
+REPEAT_UNTIL = (8, 0, 106)  # from FULL_CIOU_UNTIL on
 FLOAT_MASKS_UNTIL = (8, 4, 90)
 
 
