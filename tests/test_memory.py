@@ -280,6 +280,7 @@ def test_probe_skips_what_the_model_puts_far_over_budget():
     (["--gpu-memory", "8", "--classes", "3", "--boxes-per-image", "4", "--model", "nosuch.yaml"], "unknown model"),
     (["--gpu-memory", "8", "--classes", "3", "--boxes-per-image", "4", "amp=maybe"], "amp must be"),
     (["--gpu-memory", "8", "--classes", "3", "--boxes-per-image", "4", "optimizer=Lion"], "optimizer must be"),
+    (["--gpu-memory", "8", "--classes", "3", "--boxes-per-image", "4", "mosaic=abc"], "'mosaic=abc' is of invalid type"),
     (["--json"], "go with --gpu-memory"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, text):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from ultralytics.cfg import DEFAULT_CFG_DICT
+from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
 from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 
 from detector.errors import ModelError, UsageError
@@ -35,6 +35,12 @@ def check_overrides(overrides: dict) -> None:
     owned = sorted(set(overrides) & CLI_OWNED)
     if owned:
         raise UsageError(f"set {owned[0]!r} with its own option (--{owned[0].replace('_', '-')}), not as key=value")
+    # Ultralytics' own type and range check, before anything runs or is written (it edits what it checks);
+    # detector checks `loader` and `amp` itself, with its own words.
+    try:
+        check_cfg({k: v for k, v in overrides.items() if k not in ("loader", "amp")}, hard=True)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from e
 
 
 def training_loader(overrides: dict) -> str:
