@@ -45,7 +45,7 @@ def test_mosaic_spread_is_the_logs_median():
     import statistics
 
     bm = _bench()
-    spreads = [float(r["instances_cv"]) for r in bm.calibration_rows() if r["instances_cv"]]
+    spreads = [float(r["instances_cv"]) for r in bm.calibration_rows() if r["instances_cv"] and float(r["mosaic"]) > 0]
     assert len(spreads) >= 60
     assert bm.MOSAIC_CV == round(statistics.median(spreads), 2)
 
@@ -64,14 +64,36 @@ def test_gamma_tail_matches_the_logs_own_extremes():
     ratios = []
     for r in bm.calibration_rows():
         epochs = int(r["instances_epochs"] or 0)
-        last = int(r["train_images"]) % int(r["batch"]) or int(r["batch"])
-        if epochs < 40 or float(r["instances_last_batch_mean"]) < last:  # below a box per image: counts too small
+        if epochs < 40 or float(r["mosaic"]) == 0:  # mosaic off: the same images every epoch, not mosaics
+            continue
+        settings, batch = bm.row_settings(r)  # rank 0's images and batch under DDP
+        last = settings.train_images % batch or batch
+        if float(r["instances_last_batch_mean"]) < last:  # below a box per image: counts too small
             continue
         mean = float(r["instances_last_batch_mean"])
         predicted = bm.densest_of(mean * 100, epochs, bm.MOSAIC_CV / math.sqrt(last)) / (mean * 100)
         ratios.append(float(r["instances_last_batch_max"]) / mean / predicted)
     assert len(ratios) >= 30
     assert 0.9 <= statistics.median(ratios) <= 1.1, sorted(ratios)
+
+
+def test_rows_plan_what_each_gpu_trained():
+    """Under DDP each GPU trains batch // gpus on its share of the images; with mosaic off the images do not
+    change between epochs, so the worst epoch meets no denser image than a typical one."""
+    bm = _bench()
+    rows = {r["id"]: r for r in bm.calibration_rows()}
+    ddp = rows["t4-crater-v11s-640"]
+    assert (int(ddp["gpus"]), int(ddp["batch"])) == (2, 8)
+    settings, batch = bm.row_settings(ddp)
+    assert batch == 4 and settings.train_images == (int(ddp["train_images"]) + 1) // 2
+    # The Instances column counts rank 0's last batch: 3502 images per rank at 4 leave 2.
+    assert settings.train_boxes > bm.row_settings({**ddp, "gpus": "1"})[0].train_boxes
+    plain = rows["rtx3080ti-v8n-b16-512"]
+    assert float(plain["mosaic"]) == 0
+    settings, _ = bm.row_settings(plain)
+    assert settings.train_boxes_high == settings.train_boxes
+    settings, _ = bm.row_settings({**plain, "mosaic": "1.0"})
+    assert settings.train_boxes_high > settings.train_boxes
 
 
 def test_densest_image_estimate_grows_with_the_epoch():

@@ -124,22 +124,30 @@ def validation_cv(mean: float) -> float:
 
 
 def row_settings(row: dict) -> tuple:
-    """(MemorySettings, batch) for a calibration row: its model, classes, imgsz, boxes, version and GPU."""
+    """(MemorySettings, batch per GPU) for a calibration row: its model, classes, imgsz, boxes, version and GPU.
+
+    Under DDP (`gpus` > 1) Ultralytics splits `batch` over the GPUs and GPU_mem is rank 0's: each rank
+    trains on its share of the images at batch // gpus and validates alone at twice that.
+    """
     from detector import facts
     from detector.yolo import memory
 
-    batch, n_train, n_val = int(row["batch"]), int(row["train_images"]), int(row["val_images"])
+    gpus = int(row["gpus"] or 1)
+    batch, n_train, n_val = int(row["batch"]) // gpus, math.ceil(int(row["train_images"]) / gpus), int(row["val_images"])
     last = n_train % batch or batch
     per_train = float(row["instances_last_batch_median"]) / min(last, n_train)
     per_val = int(row["val_instances"]) / max(n_val, 1)
-    k = densest_of(per_train, n_train, MOSAIC_CV)
     v = densest_of(per_val, n_val, validation_cv(per_val))
+    if float(row["mosaic"] or 1.0) > 0:  # new mosaics every epoch: the worst epoch's densest outlies the typical one
+        k = densest_of(per_train, n_train, MOSAIC_CV)
+        k_high = densest_of(per_train, n_train * EPOCHS_SEEN, MOSAIC_CV)
+    else:  # the same images every epoch, spread like validation's: their densest is the typical one
+        k = k_high = densest_of(per_train, n_train, validation_cv(per_train))
     settings = memory.MemorySettings(
         model=row_arch(row["model"]), nc=int(row["classes"]), imgsz=facts.stride_multiple(int(row["imgsz"])),
         amp=memory.parse_amp(row["amp"] or "true"), optimizer="AdamW", train_boxes=k, val_boxes=v,
-        # New mosaics every epoch, but the same validation images: its densest is the typical one.
-        train_boxes_high=densest_of(per_train, n_train * EPOCHS_SEEN, MOSAIC_CV),
-        val_boxes_high=v, ultralytics=row["ultralytics"],
+        # The same validation images every epoch: its densest is the typical one.
+        train_boxes_high=k_high, val_boxes_high=v, ultralytics=row["ultralytics"],
         total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val, gpu=row["gpu"])
     return settings, batch
 
@@ -170,7 +178,7 @@ def calibrate(rows=None, progress=None) -> list[dict]:
             unit = memcauses.gpu_mem_unit(row["ultralytics"]) / 2**30
             out.append({"id": row["id"], "row": row, "prediction": p, "unit": "GiB" if unit == 1 else "GB",
                         "epoch1": (p.train_gb / unit, p.train_gb_high / unit, float(row["epoch1_gpu_mem"])),
-                        "later": (p.later_gb / unit, p.peak_gb_high / unit, float(row["later_gpu_mem"])),
+                        "later": (p.later_gb / unit, p.train_gb_high / unit, float(row["later_gpu_mem"])),
                         "worst": float(row["worst_gpu_mem"])})
             if progress:
                 progress(out[-1])
@@ -181,7 +189,10 @@ def summary(results: list[dict]) -> dict:
     """The typical figure against epoch 2's GPU_mem (within 15%?); the upper bound against the worst epoch's.
 
     The bound is the worst epoch's reservation, so it is held to the largest GPU_mem the log shows from
-    epoch 2 until mosaic closes (`worst_gpu_mem`), not to epoch 2's.
+    epoch 2 until mosaic closes (`worst_gpu_mem`), not to epoch 2's. GPU_mem is read during the training
+    iterations, so the bound held to it is the training's (`train_gb_high`, which holds validation's cache
+    where the release keeps it); the peak the plan fits adds validation's own, which the log cannot show
+    where the release empties the cache after it.
     """
     pairs = [r["later"] for r in results]
     bounds = [(r["later"][1], r["worst"]) for r in results]
@@ -196,7 +207,7 @@ def summary(results: list[dict]) -> dict:
 def calibration_table(results: list[dict]) -> list[str]:
     """Markdown: per row typical against epochs 1 and 2, the bound against the worst epoch, then the summary."""
     lines = ["| row | Ultralytics | model | batch | imgsz | epoch 1: typical / real | error | "
-             "epoch 2: typical / real | error | bound / worst epoch's real | bound / real |",
+             "epoch 2: typical / real | error | training's bound / worst epoch's real | bound / real |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         row, e1, l2, worst = r["row"], r["epoch1"], r["later"], r["worst"]

@@ -71,7 +71,7 @@ class MemoryPrediction:
 
     Typical figures assume the settings' box counts and the installed Ultralytics' cache rules; the
     `_high` figures are the worst epoch: the densest batches, shapes that change between batches
-    (fragmentation), validation's cache never given back, and a large cuDNN workspace (see causes).
+    (fragmentation), validation's cache where the release keeps it, and a large cuDNN workspace (see causes).
     """
 
     batch: int
@@ -170,9 +170,9 @@ class MemoryModel:
         typ = simulate(fam.base, typical, val, typical, rule, total)
         dense = fam.events(b, kh, vh)
         dense_val = fam.events(vb / 2, kh, vh) if vb != 2 * b else dense
-        # The worst epoch: typical batches first, then the densest ones, on a cache validation filled and
-        # nobody emptied: the shapes change under a fragmented cache.
-        worst = simulate(fam.base, typical, dense_val, dense, causes.NEVER, None)
+        # The worst epoch: typical batches first, then the densest ones, on the cache validation left (kept
+        # unless the release empties it; what it keeps is fragmented by the changed shapes).
+        worst = simulate(fam.base, typical, dense_val, dense, rule, total)
         workspace = causes.cudnn_workspace_high(fam.base, typical)
         act = (typ["breakdown"].get("activations", 0) + typ["breakdown"].get("loss", 0)) * GIB
         cudnn = causes.workspace_share(s.gpu) * act  # typical cuDNN workspaces, kept by the cache
@@ -180,7 +180,7 @@ class MemoryModel:
         t_high = (max(worst["again"], typ["train"]) + workspace + cudnn + worst_extra) / GIB
         v_high = (max(worst["val"], worst["again"], typ["val"], typ["again"]) + workspace + cudnn + worst_extra) / GIB
         drivers = {"dense batches and changing shapes": max(worst["again"] - typ["train"], 0) / GIB,
-                   "validation's cache kept": max(worst["val"] - typ["train"], 0) / GIB,
+                   "validation at twice the batch": max(worst["val"] - typ["train"], 0) / GIB,
                    "cuDNN workspace": workspace / GIB,
                    "workspace-hungry algorithms and an epoch's fragmentation": worst_extra / GIB}
         # The workspace is allocated while a convolution runs: in the allocated peak and its breakdown.
