@@ -94,6 +94,10 @@ def test_rows_plan_what_each_gpu_trained():
     assert settings.train_boxes_high == settings.train_boxes
     settings, _ = bm.row_settings({**plain, "mosaic": "1.0"})
     assert settings.train_boxes_high > settings.train_boxes
+    # A row from a set without these columns (or the Instances column) plans one GPU with mosaic.
+    bare = {k: v for k, v in ddp.items() if k not in ("gpus", "mosaic", "instances_last_batch_median")}
+    settings, batch = bm.row_settings(bare)
+    assert batch == 8 and settings.train_boxes_high > settings.train_boxes >= 1
 
 
 def test_densest_image_estimate_grows_with_the_epoch():
