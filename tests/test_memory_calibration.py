@@ -3,8 +3,8 @@
 CI runs one row per model architecture, on datasets with at most 10 boxes per image (nine
 rows, every architecture of the set, Pascal to Ada GPUs, Ultralytics 8.0 to 8.4); the whole
 set is `tools/bench_memory.py --only calibration` (its table is in docs/benchmarks.md: the
-typical figure within ±15% on 55 of 69 rows at epoch 1 and 52 at epoch 2, the upper bound at
-or above the worst epoch's figure on 59). Rows with dense boxes depend on a per-image box-count
+typical figure within ±15% on 57 of 69 rows at epoch 1 and 54 at epoch 2, the training's upper
+bound at or above the worst epoch's figure on 58 and never above 1.51x it). Rows with dense boxes depend on a per-image box-count
 tail that published logs do not show, so they stay in the benchmark, not here.
 """
 

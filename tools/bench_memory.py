@@ -83,15 +83,17 @@ UNUSABLE = {"rtx2060-parking-v8n-256": "epoch 1 holds 4.6 GB that later epochs g
 EPOCHS_SEEN = 100  # the worst epoch: the densest batch over this many epochs of mosaics
 # Box counts per image where the dataset is not at hand, as gamma distributions of the published mean:
 # - a mosaic image's count varies with a coefficient of variation of 0.69: the median of the calibration
-#   set's `instances_cv` (each log's Instances column at its epochs' last batch; middle half 0.58-0.86,
-#   dense sets included: the crop's random scale dominates), so MOSAIC_CV;
+#   set's `instances_cv` over the rows with mosaic (each log's Instances column at its epochs' last
+#   batch; middle half 0.59-0.86, dense sets included: the crop's random scale dominates), so MOSAIC_CV;
 # - a validation image is one image: counts scatter like a Poisson count around a rate that varies from
 #   image to image (negative binomial), CV^2 = 1/mean + 1/SCENE_SHAPE. Sparse sets come out near
 #   exponential; dense ones (craters, players on a pitch, traffic signs) are more alike image to image,
 #   as their published GPU_mem shows (validation adds under 0.5 GiB on the crater rows).
 # (Each row's own spread, its `instances_cv`, was tried in place of the median: 1 more row within 15%,
 # 1 fewer under the bound, 1 more above 1.6x it. A mosaic's spread says little about how far the
-# densest image lies out: the crater set varies as much as the median and has a short tail.)
+# densest image lies out.)
+# Rows with mosaic off (the `mosaic` column) train on the same images every epoch: one dataset image's
+# count, spread like validation's, and no denser worst epoch.
 MOSAIC_CV = 0.69
 SCENE_SHAPE = 4.0
 
