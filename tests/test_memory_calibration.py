@@ -40,6 +40,22 @@ def test_rows_are_readable_and_units_follow_the_version():
         assert settings.train_boxes_high >= settings.train_boxes
 
 
+def test_image_counts_give_the_logs_iterations():
+    """`train_images` is what the loader held: the log's iterations per epoch are ceil(images / batch) per GPU.
+
+    The scan line's N counts corrupt images, which the loader drops, and leaves out images without a
+    label file; the rows were corrected where the iterations said so (notes say which).
+    """
+    import math
+
+    bm = _bench()
+    unsure = {"rtx3080ti-v8l-b8-512"}  # 4582 iterations; the scan line's 36589 images minus 2 corrupt give 4574
+    for row in bm.calibration_rows():
+        settings, batch = bm.row_settings(row)
+        if row["id"] not in unsure:
+            assert math.ceil(settings.train_images / batch) == int(row["iterations"]), row["id"]
+
+
 def test_mosaic_spread_is_the_logs_median():
     """MOSAIC_CV is read off the set: the median of each log's measured spread of boxes per mosaic image."""
     import statistics
@@ -47,7 +63,7 @@ def test_mosaic_spread_is_the_logs_median():
     bm = _bench()
     spreads = [float(r["instances_cv"]) for r in bm.calibration_rows() if r["instances_cv"] and float(r["mosaic"]) > 0]
     assert len(spreads) >= 60
-    assert bm.MOSAIC_CV == round(statistics.median(spreads), 2)
+    assert abs(bm.MOSAIC_CV - statistics.median(spreads)) <= 0.005
 
 
 def test_gamma_tail_matches_the_logs_own_extremes():

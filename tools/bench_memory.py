@@ -149,7 +149,7 @@ def row_settings(row: dict) -> tuple:
         k = k_high = densest_of(per_train, n_train, validation_cv(per_train))
     settings = memory.MemorySettings(
         model=row_arch(row["model"]), nc=int(row["classes"]), imgsz=facts.stride_multiple(int(row["imgsz"])),
-        amp=memory.parse_amp(row["amp"] or "true"), optimizer="AdamW", train_boxes=k, val_boxes=v,
+        amp=memory.parse_amp(row["amp"] or "true"), optimizer=row.get("optimizer") or "AdamW", train_boxes=k, val_boxes=v,
         # The same validation images every epoch: its densest is the typical one.
         train_boxes_high=k_high, val_boxes_high=v, ultralytics=row["ultralytics"],
         total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val, gpu=row["gpu"])
@@ -171,7 +171,7 @@ def calibrate(rows=None, progress=None) -> list[dict]:
         if row["id"] in UNUSABLE:
             continue
         s, batch = row_settings(row)
-        groups.setdefault((s.model, s.imgsz, s.nc, s.amp), []).append((row, s, batch))
+        groups.setdefault((s.model, s.imgsz, s.nc, s.amp, s.optimizer), []).append((row, s, batch))
     out = []
     for key, members in groups.items():
         first = members[0][1]

@@ -133,7 +133,7 @@ class MemoryModel:
         strides = fakerun.level_strides(self._model)
         self._anchors = fakerun.anchors_per_box(settings.imgsz, strides, BOX_FRACTION)
         self._prepared = fakerun.Prepared(self._model, fake=True)
-        self._families: dict = {}  # by the label assigner's era (detector.yolo.assigners): traced once each
+        self._families: dict = {}  # by assigner era (detector.yolo.assigners), optimizer and nbs: traced once each
 
     def trace(self, batch: int, boxes: int, val_boxes: int) -> fakerun.Trace:
         """One fake run: two training iterations and a validation batch at 2 x batch."""
@@ -146,7 +146,7 @@ class MemoryModel:
     def family(self) -> memscale.TraceFamily:
         """The two reference traces, made once per assigner era: every batch and box count is a rescaling of them."""
         s, b = self.settings, REFERENCE_BATCH
-        key = assigners.era(s.ultralytics)
+        key = assigners.era(s.ultralytics), s.optimizer, s.nbs  # what the two traces cannot rescale
         if key not in self._families:
             k, v = max(s.train_boxes, 1), max(s.val_boxes, 1)
             step = memscale.BATCH_STEP * b, memscale.BOX_STEP * k, memscale.BOX_STEP * v
