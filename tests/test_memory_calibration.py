@@ -3,7 +3,7 @@
 CI runs one row per model architecture, on datasets with at most 10 boxes per image (nine
 rows, every architecture of the set, Pascal to Ada GPUs, Ultralytics 8.0 to 8.4); the whole
 set is `tools/bench_memory.py --only calibration` (its table is in docs/benchmarks.md: the
-typical figure within ±15% on 57 of 69 rows at epoch 1 and 54 at epoch 2, the training's upper
+typical figure within ±15% on 56 of 69 rows at epoch 1 and 53 at epoch 2, the training's upper
 bound at or above the worst epoch's figure on 58 and never above 1.51x it). Rows with dense boxes depend on a per-image box-count
 tail that published logs do not show, so they stay in the benchmark, not here.
 """
