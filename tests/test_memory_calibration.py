@@ -62,7 +62,8 @@ def test_mosaic_spread_is_the_logs_median():
     import statistics
 
     bm = _bench()
-    spreads = [float(r["instances_cv"]) for r in bm.calibration_rows() if r["instances_cv"] and float(r["mosaic"]) > 0]
+    rows = bm.calibration_rows()
+    spreads = [float(r["instances_cv"]) for r in rows if r["instances_cv"] and float(r["mosaic"]) > 0]
     assert len(spreads) >= 60
     assert abs(bm.MOSAIC_CV - statistics.median(spreads)) <= 0.005
 

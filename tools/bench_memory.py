@@ -135,21 +135,23 @@ def row_settings(row: dict) -> tuple:
     from detector.yolo import memory
 
     gpus = int(row.get("gpus") or 1)  # a row from a set without these columns: one GPU, mosaic on
-    batch, n_train, n_val = int(row["batch"]) // gpus, math.ceil(int(row["train_images"]) / gpus), int(row["val_images"])
+    batch, n_val = int(row["batch"]) // gpus, int(row["val_images"])
+    n_train = math.ceil(int(row["train_images"]) / gpus)
     last = n_train % batch or batch
     per_val = int(row["val_instances"]) / max(n_val, 1)
     # Without the Instances column: a mosaic's crop holds about one image's worth of boxes.
     per_train = (float(row["instances_last_batch_median"]) / min(last, n_train)
                  if row.get("instances_last_batch_median") else per_val)
     v = densest_of(per_val, n_val, validation_cv(per_val))
-    if float(row.get("mosaic") or 1.0) > 0:  # new mosaics every epoch: the worst epoch's densest outlies the typical one
+    if float(row.get("mosaic") or 1.0) > 0:  # new mosaics every epoch: the worst epoch's densest lies further out
         k = densest_of(per_train, n_train, MOSAIC_CV)
         k_high = densest_of(per_train, n_train * EPOCHS_SEEN, MOSAIC_CV)
     else:  # the same images every epoch, spread like validation's: their densest is the typical one
         k = k_high = densest_of(per_train, n_train, validation_cv(per_train))
     settings = memory.MemorySettings(
         model=row_arch(row["model"]), nc=int(row["classes"]), imgsz=facts.stride_multiple(int(row["imgsz"])),
-        amp=memory.parse_amp(row["amp"] or "true"), optimizer=row.get("optimizer") or "AdamW", train_boxes=k, val_boxes=v,
+        amp=memory.parse_amp(row["amp"] or "true"), optimizer=row.get("optimizer") or "AdamW",
+        train_boxes=k, val_boxes=v,
         # The same validation images every epoch: its densest is the typical one.
         train_boxes_high=k_high, val_boxes_high=v, ultralytics=row["ultralytics"],
         total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val, gpu=row["gpu"])
