@@ -84,7 +84,7 @@ EPOCHS_SEEN = 100  # the worst epoch: the densest batch over this many epochs of
 # Box counts per image where the dataset is not at hand, as gamma distributions of the published mean:
 # - a mosaic image's count varies with a coefficient of variation of 0.69: the median of the calibration
 #   set's `instances_cv` over the rows with mosaic (each log's Instances column at its epochs' last
-#   batch; middle half 0.59-0.86, dense sets included: the crop's random scale dominates), so MOSAIC_CV;
+#   batch; middle half 0.59-0.85, dense sets included: the crop's random scale dominates), so MOSAIC_CV;
 # - a validation image is one image: counts scatter like a Poisson count around a rate that varies from
 #   image to image (negative binomial), CV^2 = 1/mean + 1/SCENE_SHAPE. Sparse sets come out near
 #   exponential; dense ones (craters, players on a pitch, traffic signs) are more alike image to image,
