@@ -173,6 +173,7 @@ def calibrate(rows=None, progress=None) -> list[dict]:
         if row["id"] in UNUSABLE:
             continue
         s, batch = row_settings(row)
+        # One built model per group: a model traced under one optimizer does not trace alike under another.
         groups.setdefault((s.model, s.imgsz, s.nc, s.amp, s.optimizer), []).append((row, s, batch))
     out = []
     for key, members in groups.items():
