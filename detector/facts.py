@@ -33,6 +33,30 @@ def val_batch(batch: int) -> int:
     return VAL_BATCH_FACTOR * batch
 
 
+VAL_PAD = 0.5  # validation's rectangular batches are padded by half a stride (Ultralytics' build_yolo_dataset)
+
+
+def val_batch_shapes(imgsz: int, aspects=(), batch: int = 1, stride: int = STRIDE) -> list[tuple[int, int]]:
+    """(height, width) of each of validation's rectangular batches, as Ultralytics' set_rectangle forms them.
+
+    Validation images are sorted by aspect ratio (height / width) and batched in that order; each
+    batch is letterboxed to the smallest shape that holds its images, plus half a stride: a set of
+    16:9 images at 640 validates at 384 x 672, a square one at 672 x 672. `aspects` are the images'
+    height / width ratios; none known: square images.
+    """
+    ratios, step, out = sorted(aspects) or [1.0], max(batch, 1), []
+    for i in range(0, len(ratios), step):
+        lo, hi = ratios[i], ratios[min(i + step, len(ratios)) - 1]
+        h, w = (hi, 1.0) if hi < 1 else (1.0, 1.0 / lo) if lo > 1 else (1.0, 1.0)
+        out.append(tuple(math.ceil(x * imgsz / stride + VAL_PAD) * stride for x in (h, w)))
+    return out
+
+
+def val_batch_shape(imgsz: int, aspects=(), batch: int = 1) -> tuple[int, int]:
+    """The largest of validation's batch shapes: the one reserved memory keeps."""
+    return max(val_batch_shapes(imgsz, aspects, batch), key=lambda s: s[0] * s[1])
+
+
 def boxes_per_training_image(densest: int, overrides: dict) -> int:
     """Worst-case boxes on one training image, given the densest image of the dataset and the augmentations."""
     boxes = densest

@@ -85,6 +85,52 @@ def test_box_load_from_real_counts():
 # -- the fake run against a real CPU run ------------------------------------------------------------------------
 
 
+def _images(folder, sizes, rotated=()):
+    """JPEGs of these (width, height) with one box each; those in `rotated` carry EXIF orientation 6 (turned 90)."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for i, (w, h) in enumerate(sizes):
+        exif = Image.Exif()
+        if i in rotated:
+            exif[0x0112] = 6
+        Image.new("RGB", (w, h), (i * 7 % 255, 90, 160)).save(folder / "images" / f"{i:03d}.jpg", exif=exif)
+        (folder / "labels" / f"{i:03d}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    return sorted((folder / "images").glob("*.jpg"))
+
+
+def test_val_batch_shapes_are_ultralytics_own(tmp_path, coco128_yaml):
+    """Validation's rectangular batches as Ultralytics' dataset forms them: COCO's mixed shapes, 16:9, portrait, EXIF."""
+    import shutil
+
+    import detector.yolo  # noqa: F401  (hermetic Ultralytics)
+    from ultralytics.data.dataset import YOLODataset
+
+    from detector import facts
+    from detector.data import datasets
+
+    coco = tmp_path / "coco"
+    shutil.copytree(coco128_yaml.parent / "images" / "train2017", coco / "images")
+    shutil.copytree(coco128_yaml.parent / "labels" / "train2017", coco / "labels")
+    mixed = _images(tmp_path / "mixed", [(64, 36)] * 5 + [(36, 48)] * 4 + [(50, 50)] * 2 + [(64, 36)] * 2,
+                    rotated=(11, 12))
+    cases = [(coco, sorted((coco / "images").glob("*.jpg")), 640, (8, 32)), (tmp_path / "mixed", mixed, 640, (2, 4)),
+             (tmp_path / "mixed", mixed, 800, (3,))]
+    for folder, files, imgsz, batches in cases:
+        aspects = datasets.image_aspects(files)
+        assert len(aspects) == len(files)
+        for b in batches:
+            ds = YOLODataset(img_path=str(folder / "images"), imgsz=imgsz, batch_size=b, rect=True, pad=0.5, stride=32,
+                             augment=False, data={"names": {i: str(i) for i in range(80)}, "nc": 80, "channels": 3})
+            want = [tuple(int(x) for x in shape) for shape in ds.batch_shapes]
+            assert facts.val_batch_shapes(imgsz, aspects, b) == want, (folder.name, imgsz, b)
+            assert facts.val_batch_shape(imgsz, aspects, b) == max(want, key=lambda s: s[0] * s[1])
+    assert datasets.image_aspects(mixed)[11] == pytest.approx(64 / 36)  # EXIF-turned: taller than wide
+    assert facts.val_batch_shape(640) == (672, 672)  # square images: half a stride of padding on each side's count
+    assert facts.val_batch_shape(640, [9 / 16] * 10, 10) == (384, 672)
+
+
 @pytest.mark.parametrize("version", ["", "8.0.20", "8.0.60", "8.3.40"])  # the assigner of each era
 def test_fake_peak_equals_real_cpu_run(version):
     """Same steps, same tracker: the fake run's trace is byte for byte the real CPU run's."""
@@ -197,8 +243,11 @@ def predictions():
         return memory.MemoryModel(memory.MemorySettings(model="yolo11n.yaml", nc=3, train_boxes=4, **kw))
 
     amp = model(imgsz=160)
-    return {"amp": {b: amp.predict(b) for b in (4, 8, 16)}, "224": model(imgsz=224).predict(8),
-            "fp32": model(imgsz=160, amp="off", optimizer="SGD").predict(8)}
+    out = {"amp": {b: amp.predict(b) for b in (4, 8, 16)}, "224": model(imgsz=224).predict(8),
+           "fp32": model(imgsz=160, amp="off", optimizer="SGD").predict(8)}
+    amp.settings = memory.MemorySettings(model="yolo11n.yaml", nc=3, train_boxes=4, imgsz=160, val_aspects=(9 / 16,))
+    out["16:9"] = amp.predict(8)
+    return out
 
 
 def test_memory_grows_with_batch_and_imgsz(predictions):
@@ -214,6 +263,14 @@ def test_amp_below_fp32_and_sgd_state_half_of_adamw(predictions):
     assert amp.train_allocated_gb < fp32.train_allocated_gb
     assert amp.breakdown["activations"] < fp32.breakdown["activations"]
     assert fp32.breakdown["optimizer_state"] == pytest.approx(amp.breakdown["optimizer_state"] / 2, rel=0.05)
+
+
+def test_validation_of_wide_images_takes_less(predictions):
+    """16:9 images validate at 128 x 192 at 160 px, square ones at 192 x 192: validation takes less, training the same."""
+    square, wide = predictions["amp"][8], predictions["16:9"]
+    assert wide.train_gb == square.train_gb and wide.train_allocated_gb == square.train_allocated_gb
+    assert wide.val_allocated_gb < square.val_allocated_gb
+    assert wide.val_gb_high <= square.val_gb_high
 
 
 def test_breakdown_adds_up(predictions):
@@ -304,6 +361,7 @@ def test_plan_without_a_dataset_uses_ultralytics_defaults():
     doc = json.loads(result.output)
     assert doc["settings"]["imgsz"] == 640 and doc["settings"]["train_boxes_per_image"] == 40
     assert doc["settings"]["densest_image_boxes"] == 10 and doc["settings"]["box_statistics"] == "densest"
+    assert doc["settings"]["val_shapes"] == "square" and doc["settings"]["val_batch_shape"] == [672, 672]
 
 
 def test_batch_gpu_memory_json_end_to_end(tiny_data):
@@ -324,3 +382,9 @@ def test_batch_gpu_memory_json_end_to_end(tiny_data):
     assert doc["chosen"] == {"0.55": None, "80": 16}
     assert doc["settings"]["amp"] == "on" and doc["settings"]["optimizer"] == "AdamW"
     assert doc["settings"]["box_statistics"] == "dataset"
+    from detector import facts
+    from detector.data import datasets
+
+    aspects = datasets.image_aspects(sorted((tiny_data.parent / "images" / "val").glob("*")))
+    assert len(aspects) == 16 and doc["settings"]["val_shapes"] == "dataset"
+    assert doc["settings"]["val_batch_shape"] == list(facts.val_batch_shape(64, aspects, 32))

@@ -4,8 +4,8 @@ CI runs one row per model architecture, on datasets with at most 10 boxes per va
 and at most 40 on an epoch's densest mosaic (nine rows, every architecture of the set, Pascal to
 Ada GPUs, Ultralytics 8.0 to 8.4); the whole set is `tools/bench_memory.py --only calibration`
 (its table is in docs/benchmarks.md: the typical figure within ±15% on 56 of 69 rows at epoch 1
-and 53 at epoch 2, the training's upper bound at or above the worst epoch's figure on 58 and never
-above 1.51x it). Rows with dense boxes depend on a per-image box-count tail that published logs do
+and 54 at epoch 2, the training's upper bound at or above the worst epoch's figure on 58 and never
+above 1.53x it). Rows with dense boxes depend on a per-image box-count tail that published logs do
 not show, so they stay in the benchmark, not here.
 """
 
@@ -113,9 +113,25 @@ def test_rows_plan_what_each_gpu_trained():
     settings, _ = bm.row_settings({**plain, "mosaic": "1.0"})
     assert settings.train_boxes_high > settings.train_boxes
     # A row from a set without these columns (or the Instances column) plans one GPU with mosaic.
-    bare = {k: v for k, v in ddp.items() if k not in ("gpus", "mosaic", "instances_last_batch_median")}
+    bare = {k: v for k, v in ddp.items() if k not in ("gpus", "mosaic", "instances_last_batch_median", "val_aspect")}
     settings, batch = bm.row_settings(bare)
-    assert batch == 8 and settings.train_boxes_high > settings.train_boxes >= 1
+    assert batch == 8 and settings.train_boxes_high > settings.train_boxes >= 1 and settings.val_aspects == ()
+
+
+def test_rows_validate_in_the_shape_their_images_have():
+    """Where a log shows the images' shape (`val_aspect`), validation runs Ultralytics' rectangular batches of it."""
+    from detector import facts
+
+    bm = _bench()
+    rows = {r["id"]: r for r in bm.calibration_rows()}
+    wide = bm.row_settings(rows["t4-football-rerun-v8s-800"])[0]
+    assert wide.val_aspects == (0.5625,) and facts.val_batch_shape(wide.imgsz, wide.val_aspects, 32) == (480, 832)
+    tall = bm.row_settings(rows["a30-malaria-v8x-640"])[0]
+    assert facts.val_batch_shape(tall.imgsz, tall.val_aspects, 32) == (672, 512)
+    unknown = bm.row_settings(rows["t4-fruit-v8s-640"])[0]
+    assert unknown.val_aspects == () and facts.val_batch_shape(unknown.imgsz, (), 32) == (672, 672)
+    shown = [r for r in rows.values() if r["val_aspect"]]
+    assert len(shown) == 5 and all("val_aspect" in r["notes"] for r in shown)  # each says where the shape was read
 
 
 def test_densest_image_estimate_grows_with_the_epoch():

@@ -154,7 +154,9 @@ def row_settings(row: dict) -> tuple:
         train_boxes=k, val_boxes=v,
         # The same validation images every epoch: its densest is the typical one.
         train_boxes_high=k_high, val_boxes_high=v, ultralytics=row["ultralytics"],
-        total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val, gpu=row["gpu"])
+        total_gb=int(row["gpu_total_mib"]) / 1024, train_images=n_train, val_images=n_val, gpu=row["gpu"],
+        # The validation images' height / width where the log shows it; else square, the largest shape.
+        val_aspects=(float(row["val_aspect"]),) if row.get("val_aspect") else ())
     return settings, batch
 
 

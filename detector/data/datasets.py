@@ -214,3 +214,24 @@ def load(yaml_path: str | Path) -> DatasetInfo:
     return DatasetInfo(
         yaml=yaml_path.resolve(), root=root, splits=splits, names=names, fingerprint=_fingerprint(splits), raw=raw
     )
+
+
+def image_aspects(images) -> tuple[float, ...]:
+    """Height / width of each image, from its header, turned as its EXIF orientation says (as Ultralytics reads it).
+
+    An image whose header cannot be read is left out: the training's own scan reports it.
+    """
+    from PIL import Image
+
+    out = []
+    for image in images:
+        try:
+            with Image.open(image) as im:
+                w, h = im.size
+                if im.format == "JPEG" and im.getexif().get(0x0112) in (6, 8):  # stored turned by 90 degrees
+                    w, h = h, w
+        except Exception:  # noqa: BLE001  PIL raises many types for broken files
+            continue
+        if w > 0 and h > 0:
+            out.append(h / w)
+    return tuple(out)

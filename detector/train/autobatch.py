@@ -106,7 +106,7 @@ def _probe_and_decide(config: TrainConfig, data) -> batching.BatchDecision:
     model = checks.check_model(config.model)
     load = box_load(label_counts(data), config.overrides)
     predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates, load,
-                                gpu=target["name"])
+                                gpu=target["name"], val_aspects=datasets.image_aspects(data.splits.get("val", [])))
     skipped = skip_by_prediction(predicted, budget)
     for c in skipped:
         log.info(f"not probing batch {c}: the memory model predicts {predicted[c]:.2f} GB, over {SKIP_FACTOR:g} x the "
@@ -133,10 +133,10 @@ SKIP_FACTOR = 1.5
 
 
 def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, candidates,
-                    load: dict | None = None, gpu: str = "") -> dict[int, float]:
+                    load: dict | None = None, gpu: str = "", val_aspects: tuple = ()) -> dict[int, float]:
     """The memory model's upper bound of reserved GiB per candidate (any epoch), or {} when it cannot run."""
     try:
-        settings = memory_settings(config, model, nc, imgsz, densest, load, gpu=gpu)
+        settings = memory_settings(config, model, nc, imgsz, densest, load, gpu=gpu, val_aspects=val_aspects)
         return {p.batch: p.peak_gb_high for p in predict_candidates(settings, candidates)}
     except Exception as e:  # noqa: BLE001  the prediction only advises the probe: never fail a training over it
         log.info(f"memory model unavailable ({type(e).__name__}: {e}); probing every candidate")
@@ -144,11 +144,13 @@ def predicted_peaks(config: TrainConfig, model: str, nc: int, imgsz: int, denses
 
 
 def memory_settings(config: TrainConfig, model: str, nc: int, imgsz: int, densest: int, load: dict | None = None,
-                    train_images: int = 0, val_images: int = 0, gpu: str = ""):
+                    train_images: int = 0, val_images: int = 0, gpu: str = "", val_aspects: tuple = ()):
     """The memory model's settings for a training config: amp, optimizer and the label load.
 
     `load` is box_load's figures from the dataset's real counts; without it every image carries the
     densest image's boxes (x4 for mosaic), typical and worst alike, as the probe assumes.
+    `val_aspects` are the validation images' height / width, which set validation's batch shapes
+    (none: square images, the largest).
     """
     from detector.yolo import memory
 
@@ -158,7 +160,8 @@ def memory_settings(config: TrainConfig, model: str, nc: int, imgsz: int, denses
                                  optimizer=memory.parse_optimizer(config.overrides.get("optimizer", "auto")),
                                  train_boxes=load["train"], val_boxes=load["val"], nbs=config.nbs,
                                  train_boxes_high=load["train_high"], val_boxes_high=load["val_high"],
-                                 train_images=train_images, val_images=val_images, gpu=gpu)
+                                 train_images=train_images, val_images=val_images, gpu=gpu,
+                                 val_aspects=tuple(val_aspects))
 
 
 def predict_candidates(settings, candidates) -> list:

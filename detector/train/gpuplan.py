@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from detector import facts
 from detector.config import TrainConfig, parse_list
+from detector.data import datasets
 from detector.errors import BatchError, UsageError
 from detector.train import batching
 
@@ -83,16 +84,20 @@ def plan(config: TrainConfig, sizes, classes: int | None = None, boxes: int | No
     from detector.train import autobatch
 
     check_counts(classes, boxes)
-    names, n_images, densest, config, model, load = _dataset_facts(config, classes, boxes)
+    names, n_images, densest, config, model, load, aspects = _dataset_facts(config, classes, boxes)
     opts = config.batch
     imgsz = facts.largest_training_imgsz(config.imgsz or 640, config.overrides)
-    settings = autobatch.memory_settings(config, model, classes or len(names), imgsz, densest, load)
+    settings = autobatch.memory_settings(config, model, classes or len(names), imgsz, densest, load,
+                                         val_aspects=aspects)
     if not n_images:
         log.info(f"--classes {classes} and --boxes-per-image {boxes} given: the dataset is not read")
+    val_shape = facts.val_batch_shape(imgsz, aspects, facts.val_batch(max(opts.candidates)))
     where = ("the densest training image of an epoch, from the dataset's counts" if load else
              f"{densest} on the densest image{', x4 for mosaic' if settings.train_boxes > densest else ''}")
     log.info(f"model {config.model} at imgsz {imgsz}, {settings.nc} classes, {settings.train_boxes} boxes per training "
-             f"image ({where}; worst {settings.train_boxes_high}), amp {settings.amp}, optimizer {settings.optimizer}: "
+             f"image ({where}; worst {settings.train_boxes_high}), amp {settings.amp}, optimizer {settings.optimizer}, "
+             f"validation batches up to {'x'.join(map(str, val_shape))} ("
+             f"{'from the validation images' if aspects else 'square images assumed, the largest'}): "
              f"predicting {len(opts.candidates)} candidates...")
     started = time.perf_counter()
     predictions = autobatch.predict_candidates(settings, opts.candidates)
@@ -105,6 +110,9 @@ def plan(config: TrainConfig, sizes, classes: int | None = None, boxes: int | No
             "train_boxes_per_image": settings.train_boxes, "val_boxes_per_image": settings.val_boxes,
             "train_boxes_per_image_high": settings.train_boxes_high, "box_statistics": "dataset" if load else "densest",
             "amp": settings.amp, "optimizer": settings.optimizer, "train_images": n_images,
+            # validation's largest rectangular batch at the largest candidate: from the images' shapes, or square
+            "val_batch_shape": list(val_shape),
+            "val_shapes": "dataset" if aspects else "square",
             "seconds": round(seconds, 2)}
     return GpuPlan(predictions, CUDA_CONTEXT_GB, tuple(sizes), opts.safety, decisions, info)
 
@@ -127,7 +135,10 @@ def decide_for_size(predictions, size: float, safety: float, candidates, n_image
 
 
 def _dataset_facts(config: TrainConfig, classes, boxes):
-    """Class names, training images and the densest image's boxes; the dataset is not read when both are given."""
+    """Class names, training images, the densest image's boxes, the box load and validation images' height / width.
+
+    The dataset is not read when --classes and --boxes-per-image are both given.
+    """
     from detector.train import autobatch
     from detector.train.preflight import prepare
 
@@ -141,7 +152,7 @@ def _dataset_facts(config: TrainConfig, classes, boxes):
         config = replace(config, overrides=checks.expand_cfg(config.overrides))
         checks.check_overrides(config.overrides)
         model = checks.check_model(config.model)
-        return [str(i) for i in range(classes)], 0, boxes, config, model, None
+        return [str(i) for i in range(classes)], 0, boxes, config, model, None, ()
     config, data, model = prepare(config)
     load = None
     if boxes is None:  # the dataset's real counts: the densest image, and what mosaic makes of the distribution
@@ -149,7 +160,8 @@ def _dataset_facts(config: TrainConfig, classes, boxes):
     densest = boxes if boxes is not None else autobatch.densest_labels(data)
     log.info(f"dataset {data.yaml}: {data.train_images} training images, {len(data.names)} classes, "
              f"densest image {densest} boxes")
-    return list(data.names), data.train_images, densest, config, model, load
+    aspects = datasets.image_aspects(data.splits.get("val", []))
+    return list(data.names), data.train_images, densest, config, model, load, aspects
 
 
 def describe(result: GpuPlan) -> str:

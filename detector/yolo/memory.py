@@ -63,6 +63,7 @@ class MemorySettings:
     train_images: int = 0  # 0 = unknown: a batch larger than the dataset holds only the dataset
     val_images: int = 0
     gpu: str = ""  # the CUDA device's name ("" = unknown): its generation sets the cuDNN workspace share
+    val_aspects: tuple = ()  # validation images' height / width (() = unknown: square, the largest shape)
 
 
 @dataclass(frozen=True)
@@ -164,12 +165,16 @@ class MemoryModel:
         b = min(batch, s.train_images) if s.train_images else batch
         vb = min(facts.val_batch(batch), s.val_images) if s.val_images else facts.val_batch(batch)
         typical = fam.events(b, k, v)
-        val = fam.events(vb / 2, k, v) if vb != 2 * b else typical
+        # Validation runs rectangular batches (facts.val_batch_shape); its activations scale with the area,
+        # as with the batch, so the largest batch is the square trace at a batch scaled by the area.
+        height, width = facts.val_batch_shape(s.imgsz, s.val_aspects, vb)
+        vb_area = vb * height * width / s.imgsz**2
+        val = fam.events(vb_area / 2, k, v)
         rule = causes.cache_rule(s.ultralytics)
         total = s.total_gb * GIB if s.total_gb else None
         typ = simulate(fam.base, typical, val, typical, rule, total)
         dense = fam.events(b, kh, vh)
-        dense_val = fam.events(vb / 2, kh, vh) if vb != 2 * b else dense
+        dense_val = fam.events(vb_area / 2, kh, vh)
         # The worst epoch: typical batches first, then the densest ones, on the cache validation left (kept
         # unless the release empties it; what it keeps is fragmented by the changed shapes).
         worst = simulate(fam.base, typical, dense_val, dense, rule, total)
