@@ -377,6 +377,9 @@ def test_batch_gpu_memory_json_end_to_end(tiny_data):
         assert c["predicted_train_gb_high"] >= c["predicted_train_gb"]
         assert c["predicted_peak_gb_high"] >= c["predicted_peak_gb"]
         assert c["predicted_peak_gb_high"] == max(c["predicted_train_gb_high"], c["predicted_val_gb_high"])
+        # the causes the text lists add up to the gap between the typical and the worst peak
+        gap = c["predicted_peak_gb_high"] - c["predicted_peak_gb"]
+        assert sum(c["high_causes_gb"].values()) == pytest.approx(gap, abs=0.005) and gap > 0
         assert c["fits"] == {"0.55": False, "80": True}
     assert doc["context_gb"] > 0
     assert doc["chosen"] == {"0.55": None, "80": 16}

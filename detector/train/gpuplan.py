@@ -180,7 +180,9 @@ def describe(result: GpuPlan) -> str:
     if doc["candidates"]:
         top = doc["candidates"][-1]
         causes = ", ".join(f"{k} +{v:.2f}" for k, v in top["high_causes_gb"].items() if v >= 0.005)
-        out.append(f"worst - typical at batch {top['batch']}: {causes or 'nothing'} GB (the fit test uses the worst)")
+        gap = top["predicted_peak_gb_high"] - top["predicted_peak_gb"]
+        out.append(f"worst - typical peak at batch {top['batch']}: +{gap:.2f} GB = {causes or 'nothing'} "
+                   "(the fit test uses the worst)")
     out.append(f"GB are GiB of reserved memory (torch.cuda.memory_reserved); the fit test adds {result.context_gb:.2f} "
                f"GB of CUDA context and allows {result.safety:.0%} of each GPU")
     for s, d in result.decisions.items():

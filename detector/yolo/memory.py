@@ -85,7 +85,7 @@ class MemoryPrediction:
     later_gb: float = 0.0  # reserved at the end of the next epoch: training after validation (GPU_mem from epoch 2)
     train_gb_high: float = 0.0
     val_gb_high: float = 0.0
-    causes: dict = field(default_factory=dict)  # GiB the worst case adds, by cause
+    causes: dict = field(default_factory=dict)  # GiB the worst peak adds to the typical, by cause (they sum to the gap)
 
     @property
     def peak_gb(self) -> float:
@@ -184,8 +184,10 @@ class MemoryModel:
         worst_extra = causes.WORST_EXTRA_SHARE * act
         t_high = (max(worst["again"], typ["train"]) + workspace + cudnn + worst_extra) / GIB
         v_high = (max(worst["val"], worst["again"], typ["val"], typ["again"]) + workspace + cudnn + worst_extra) / GIB
-        drivers = {"dense batches and changing shapes": max(worst["again"] - typ["train"], 0) / GIB,
-                   "validation at twice the batch": max(worst["val"] - typ["train"], 0) / GIB,
+        # What the worst peak adds to the typical one, cause by cause: the parts sum to peak_gb_high - peak_gb.
+        typical_peak = max(typ["train"], typ["val"], typ["again"])  # validation at 2x is in both figures
+        denser = max(worst["val"], worst["again"], typical_peak) - typical_peak
+        drivers = {"the densest batches and the shapes they change": denser / GIB,
                    "cuDNN workspace": workspace / GIB,
                    "workspace-hungry algorithms and an epoch's fragmentation": worst_extra / GIB}
         # The workspace is allocated while a convolution runs: in the allocated peak and its breakdown.
