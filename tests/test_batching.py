@@ -237,6 +237,24 @@ def test_probe_steps_stop_at_the_first_candidate_that_runs_out(monkeypatch):
     assert [(m["batch"], m["oom"]) for m in out] == [(2, None), (4, None), (8, "validation")]
 
 
+def test_probe_validates_in_ultralytics_rectangular_batches(monkeypatch):
+    """Training steps on square mosaics; validation at 2x in the batch shape Ultralytics forms (16:9 at 64: 64 x 96)."""
+    from detector.yolo import probe
+
+    shapes = []
+    real = probe._ProbeModel.batch
+
+    def batch(self, n, shape, labels, half=False):
+        shapes.append((n, tuple(shape)))
+        return real(self, n, shape, labels, half)
+
+    monkeypatch.setattr(probe._ProbeModel, "batch", batch)
+    out = probe._probe_candidates("yolo11n.yaml", 3, 64, (2,), torch.device("cpu"), 4, 2, True, None,
+                                  val_aspects=(9 / 16,) * 5)
+    assert [m["oom"] for m in out] == [None]
+    assert shapes == [(2, (64, 64)), (2, (64, 64)), (4, (64, 96))]
+
+
 # -- detector batch ---------------------------------------------------------------------------------------------
 
 

@@ -105,8 +105,9 @@ def _probe_and_decide(config: TrainConfig, data) -> batching.BatchDecision:
              f"{train_labels} boxes per training image (densest image: {densest})...")
     model = checks.check_model(config.model)
     load = box_load(label_counts(data), config.overrides)
+    aspects = datasets.image_aspects(data.splits.get("val", []))  # validation's batch shapes
     predicted = predicted_peaks(config, model, len(data.names), imgsz, densest, opts.candidates, load,
-                                gpu=target["name"], val_aspects=datasets.image_aspects(data.splits.get("val", [])))
+                                gpu=target["name"], val_aspects=aspects)
     skipped = skip_by_prediction(predicted, budget)
     for c in skipped:
         log.info(f"not probing batch {c}: the memory model predicts {predicted[c]:.2f} GB, over {SKIP_FACTOR:g} x the "
@@ -114,7 +115,7 @@ def _probe_and_decide(config: TrainConfig, data) -> batching.BatchDecision:
     started = time.perf_counter()
     measured = probe.probe_batch_memory(
         model, len(data.names), imgsz, [c for c in opts.candidates if c not in skipped], target["index"],
-        train_labels, val_labels, config.overrides.get("amp", True), stop_above_gb=budget)
+        train_labels, val_labels, config.overrides.get("amp", True), stop_above_gb=budget, val_aspects=aspects)
     seconds = time.perf_counter() - started
     decision = batching.decide_gpu([batching.Measurement(**m) for m in measured], target["total_memory_gb"],
                                    opts.safety, opts.candidates, data.train_images, config.nbs, devices=len(gpus),

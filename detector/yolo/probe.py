@@ -24,7 +24,8 @@ def cuda_devices(device: str | None) -> list[dict]:
 
 
 def probe_batch_memory(model_spec: str, nc: int, imgsz: int, candidates, device_index: int = 0,
-                       train_labels: int = 1, val_labels: int = 1, amp=True, stop_above_gb: float | None = None):
+                       train_labels: int = 1, val_labels: int = 1, amp=True, stop_above_gb: float | None = None,
+                       val_aspects=()):
     """Peak CUDA memory of real training steps and of a validation pass, per candidate batch (CUDA only).
 
     Candidates run in ascending order and the probe stops at the first out-of-memory error, or
@@ -32,6 +33,8 @@ def probe_batch_memory(model_spec: str, nc: int, imgsz: int, candidates, device_
     so a candidate that does not fit costs one failed step. The model is built here and thrown
     away; the training that follows builds its own. Returns per probed batch a dict of
     `batch`, `train_peak_gb`, `val_peak_gb`, `allocated_peak_gb` and `oom` (the phase that ran out, or None).
+    Validation runs in the largest of the rectangular batches Ultralytics forms from images of these
+    height / width ratios (facts.val_batch_shape; none: square images, the largest).
     """
     if not torch.cuda.is_available():
         raise UsageError("the batch-size probe measures GPU memory and needs a CUDA device; on CPU --batch auto is 16")
@@ -39,7 +42,7 @@ def probe_batch_memory(model_spec: str, nc: int, imgsz: int, candidates, device_
     release_device_memory()
     try:
         return _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, val_labels, amp,
-                                 stop_above_gb)
+                                 stop_above_gb, val_aspects)
     finally:
         release_device_memory()
         torch.cuda.reset_peak_memory_stats(device)
@@ -65,11 +68,11 @@ class _ProbeModel:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.scaler = torch.amp.GradScaler(device.type, enabled=bool(self.amp) and amp != "bf16")
 
-    def batch(self, n: int, imgsz: int, labels: int, half: bool = False) -> dict:
-        """A synthetic batch as preprocess_batch leaves it: images in [0, 1], `labels` boxes on every image."""
+    def batch(self, n: int, shape: tuple[int, int], labels: int, half: bool = False) -> dict:
+        """A synthetic batch as preprocess_batch leaves it: (height, width) images in [0, 1], `labels` boxes on each."""
         labels = max(labels, 1)
         k, d = n * labels, self.device
-        img = torch.rand(n, 3, imgsz, imgsz, device=d)
+        img = torch.rand(n, 3, *shape, device=d)
         boxes = torch.cat([torch.rand(k, 2, device=d) * 0.8 + 0.1, torch.rand(k, 2, device=d) * 0.1 + 0.02], 1)
         return {"img": img.half() if half else img, "bboxes": boxes,
                 "cls": torch.randint(0, self.nc, (k, 1), device=d).float(),
@@ -81,7 +84,7 @@ class _ProbeModel:
 
         self.model.train()
         for _ in range(steps):  # the second step runs with the optimizer state the first one created
-            batch = self.batch(n, imgsz, labels)
+            batch = self.batch(n, (imgsz, imgsz), labels)  # mosaics: square
             with autocast(self.amp, device=self.device.type):
                 loss, _ = self.model(batch)
             self.scaler.scale(loss.sum()).backward()
@@ -90,7 +93,7 @@ class _ProbeModel:
             self.optimizer.zero_grad()
             del batch, loss
 
-    def validate(self, n: int, imgsz: int, labels: int) -> None:
+    def validate(self, n: int, shape: tuple[int, int], labels: int) -> None:
         """The validator's pass in training (8.4): fp16 images, fp32 EMA under autocast, validation loss, NMS."""
         from ultralytics.utils import nms
         from ultralytics.utils.torch_utils import autocast
@@ -98,7 +101,7 @@ class _ProbeModel:
         half = bool(self.amp) and self.device.type == "cuda"
         model = self.ema.float()
         with torch.inference_mode():
-            batch = self.batch(n, imgsz, labels, half=half)
+            batch = self.batch(n, shape, labels, half=half)
             with autocast(half, device=self.device.type):
                 preds = model(batch["img"])
                 model.loss(batch, preds)
@@ -106,7 +109,8 @@ class _ProbeModel:
                                     end2end=getattr(model, "end2end", False))
 
 
-def _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, val_labels, amp, stop_above_gb):
+def _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, val_labels, amp, stop_above_gb,
+                      val_aspects=()):
     """The probe's loop, device-agnostic so its steps can be exercised on CPU; peaks are None off CUDA."""
     probe = _ProbeModel(model_spec, nc, device, amp)
     out = []
@@ -118,7 +122,8 @@ def _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, v
             peaks["train_peak_gb"], allocated = _peak_gb(device)
             phase = "validation"
             _reset_peak(device)
-            probe.validate(facts.val_batch(b), imgsz, val_labels)  # Ultralytics validates at twice the batch
+            n = facts.val_batch(b)  # Ultralytics validates at twice the batch, in rectangular batches
+            probe.validate(n, facts.val_batch_shape(imgsz, val_aspects, n), val_labels)
             peaks["val_peak_gb"], val_allocated = _peak_gb(device)
             peaks["allocated_peak_gb"] = None if allocated is None else max(allocated, val_allocated)
             phase = None
