@@ -63,14 +63,36 @@ def test_empty_cache_returns_only_free_segments():
     assert a.reserved == 0 and a.allocated == 0
 
 
-@pytest.mark.parametrize("version, rule, unit", [
-    ("8.0.20", "never", 1e9), ("8.0.196", "always", 1e9), ("8.3.69", "always", 1e9), ("8.3.89", "above_half", 2**30),
-    ("", "above_half", 2**30),
+@pytest.mark.parametrize("version, end, before, unit", [
+    ("8.0.20", None, None, 1e9), ("8.0.196", 0.0, None, 1e9), ("8.3.75", 0.0, None, 1e9), ("8.3.86", 0.0, None, 2**30),
+    ("8.3.87", 0.9, None, 2**30), ("8.3.108", 0.9, None, 2**30), ("8.3.109", 0.5, None, 2**30),
+    ("8.3.151", 0.5, None, 2**30), ("8.3.152", 0.5, 0.5, 2**30), ("", 0.5, 0.5, 2**30),
 ])
-def test_version_rules(version, rule, unit):
+def test_version_rules(version, end, before, unit):
+    """The boundaries are the releases whose trainer.py changed (bisected in the wheels on PyPI)."""
     from detector.yolo import memcauses
 
-    assert memcauses.cache_rule(version) == rule and memcauses.gpu_mem_unit(version) == unit
+    rule = memcauses.cache_rule(version)
+    assert (rule.at_epoch_end, rule.before_validation) == (end, before) and memcauses.gpu_mem_unit(version) == unit
+
+
+def test_cache_rules_on_an_allocator():
+    from detector.yolo import memcauses
+
+    def reserved_after(rule, total, before_validation=False):
+        a = CachingAllocator()
+        a.malloc(1, 30 * MIB)
+        a.free(1)  # 30 MiB cached, nothing in use
+        memcauses.empty_cache_if(a, rule, total, before_validation)
+        return a.reserved
+
+    assert reserved_after(memcauses.NEVER, 40 * MIB) == 30 * MIB
+    assert reserved_after(memcauses.ALWAYS, None) == 0  # unconditional: no GPU size needed
+    ninety, half = memcauses.cache_rule("8.3.90"), memcauses.cache_rule("8.4.0")
+    assert reserved_after(ninety, 40 * MIB) == 30 * MIB and reserved_after(ninety, 32 * MIB) == 0  # 75%, 94%
+    assert reserved_after(half, 40 * MIB) == 0 and reserved_after(half, 40 * MIB, before_validation=True) == 0
+    assert reserved_after(ninety, 32 * MIB, before_validation=True) == 30 * MIB  # 8.3.87-8.3.151: at the end only
+    assert reserved_after(half, None) == 30 * MIB  # a share of an unknown GPU: kept, the larger figure
 
 
 def test_box_load_from_real_counts():

@@ -14,21 +14,34 @@ end of an epoch, and what the worst epoch can add:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-NEVER, ALWAYS, ABOVE_HALF = "never", "always", "above_half"
+# Ultralytics' trainer and the allocator cache, by version (read in the trainer.py of every wheel on PyPI
+# around each boundary). The cache is emptied (`torch.cuda.empty_cache()`, later `_clear_memory()`) at
+# an epoch's end, after validation, and from 8.3.152 also just before validation; from 8.3.87 only when
+# reserved memory is above a share of the GPU (`_get_memory(fraction=True)`: memory_reserved / total):
+# - up to 8.0.20: never, so epoch 2's GPU_mem holds what validation reserved (calibration rows on 8.0.9
+#   and 8.0.20: +5% to +25% from epoch 1 to 2). 8.0.35 empties; 8.0.21-8.0.34 are no longer on PyPI,
+#   so the boundary takes the first release after 8.0.20;
+# - 8.0.21 to 8.3.86: at every epoch's end ("clears GPU vRAM at end of epoch"): the next epoch rebuilds
+#   its training blocks on an emptied cache (the RTX 2060 row on 8.0.196 falls from 4.62 to 0.78 GB);
+# - 8.3.87 to 8.3.108: at the epoch's end above 90% of the GPU;
+# - 8.3.109 to 8.3.151: at the epoch's end above 50%;
+# - 8.3.152 on (the installed 8.4 too): before validation and at the epoch's end, above 50%.
 
-# Ultralytics' trainer and the allocator cache, by version (8.0.x to 8.4):
-# - early 8.0 releases never empty the cache, so epoch 2's GPU_mem holds what validation reserved
-#   (calibration rows on 8.0.9/8.0.20: +5% to +25% from epoch 1 to 2);
-# - later 8.0 to 8.3 end every epoch with `torch.cuda.empty_cache()` ("clears GPU vRAM at end of epoch",
-#   BaseTrainer._do_train; later `self._clear_memory()`), after validation: the next epoch rebuilds its
-#   training blocks on an emptied cache (the RTX 2060 row on 8.0.196 falls from 4.62 to 0.78 GB);
-# - from 8.3.7x `_clear_memory(threshold=0.5)` empties it only when reserved is above half the GPU,
-#   before validation and at the epoch's end (8.4: "clear if memory utilization > 50%").
-# The calibration logs bracket the releases: no clearing on 8.0.20, clearing on 8.0.86; unconditional on
-# 8.3.69, conditional on 8.3.89. The boundaries below take the first release after the bracket's start.
-EMPTY_CACHE_FROM = (8, 0, 21)
-HALF_RULE_FROM = (8, 3, 70)
+
+@dataclass(frozen=True)
+class CacheRule:
+    """When the trainer empties the cache: a share of the GPU reserved memory must pass (0: always; None: never)."""
+
+    at_epoch_end: float | None
+    before_validation: float | None = None
+
+
+NEVER = CacheRule(None)
+ALWAYS = CacheRule(0.0)
+_RULES = [((8, 0, 21), ALWAYS), ((8, 3, 87), CacheRule(0.9)), ((8, 3, 109), CacheRule(0.5)),
+          ((8, 3, 152), CacheRule(0.5, 0.5))]
 GIB_UNIT_FROM = (8, 3, 76)  # GPU_mem: memory_reserved / 1E9 up to 8.3.75, / 2**30 since (PRs 19254, 19256)
 
 
@@ -40,19 +53,23 @@ def version_tuple(version: str) -> tuple[int, ...]:
         return (99,)
 
 
-def cache_rule(version: str) -> str:
-    """When the trainer empties the CUDA cache: NEVER, ALWAYS (each epoch's end) or ABOVE_HALF."""
-    v = version_tuple(version)
-    if v < EMPTY_CACHE_FROM:
-        return NEVER
-    return ALWAYS if v < HALF_RULE_FROM else ABOVE_HALF
+def cache_rule(version: str) -> CacheRule:
+    """When the trainer of this release empties the CUDA cache."""
+    v, rule = version_tuple(version), NEVER
+    for start, r in _RULES:
+        if v >= start:
+            rule = r
+    return rule
 
 
-def empty_cache_if(alloc, rule: str, total_bytes: float | None, before_validation: bool) -> None:
-    """Apply the trainer's rule to an allocator model: before validation (ABOVE_HALF only) or at the epoch's end."""
-    if rule == ALWAYS and not before_validation:
-        alloc.empty_cache()
-    elif rule == ABOVE_HALF and total_bytes and alloc.reserved > 0.5 * total_bytes:
+def empty_cache_if(alloc, rule: CacheRule, total_bytes: float | None, before_validation: bool) -> None:
+    """Apply the trainer's rule to an allocator model, before validation or at the epoch's end.
+
+    A share-of-the-GPU rule needs the GPU's size; without it (a plan for GPUs of several sizes) the
+    cache counts as kept, the larger reservation.
+    """
+    share = rule.before_validation if before_validation else rule.at_epoch_end
+    if share == 0.0 or (share is not None and total_bytes and alloc.reserved > share * total_bytes):
         alloc.empty_cache()
 
 
