@@ -59,7 +59,7 @@ class MemorySettings:
     train_boxes_high: int | None = None  # the densest training batch the run can meet (None: train_boxes)
     val_boxes_high: int | None = None
     ultralytics: str = ""  # the version that trains ("" = the installed one): its cache rule and label assigner
-    total_gb: float | None = None  # the GPU's memory, for the "empty the cache above a share of the GPU" rules (8.3.87 on)
+    total_gb: float | None = None  # the GPU's memory: the "empty above a share of the GPU" rules (8.3.87 on)
     train_images: int = 0  # 0 = unknown: a batch larger than the dataset holds only the dataset
     val_images: int = 0
     gpu: str = ""  # the CUDA device's name ("" = unknown): its generation sets the cuDNN workspace share
