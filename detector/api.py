@@ -13,7 +13,10 @@ epoch (detector.progress) instead of Ultralytics' per-iteration bars.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,6 +26,42 @@ from detector.errors import UsageError
 from detector.views import Report, Run, Sweep
 
 __all__ = ["train", "resume", "sweep", "compare", "plan", "export", "predict", "open_run", "Run", "Report", "Sweep"]
+
+
+def _lets_go_on_error(fn):
+    """Free what a failed or interrupted call held before its error reaches the caller.
+
+    A notebook keeps the last error (sys.last_value) and so its traceback, whose frames hold the
+    trainer's model, optimizer and batch on the GPU: the next training in that kernel would start on top
+    of them. A published batch-16 run read 8.5 GiB at its first epoch because a batch-32 attempt
+    interrupted just before it in the same kernel (8.39 GiB) was still held
+    (tests/data/gpu_memory_calibration.csv, t4-bees-v11n-b16-800). The command line needs none of this:
+    its process ends.
+    """
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            _drop_frames(e)
+            raise
+
+    return call
+
+
+def _drop_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames an error and the errors it chains passed through; empty the
+    CUDA cache. The traceback keeps its files and line numbers."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # frames still running (the caller's) are skipped
+        error = error.__cause__ or error.__context__
+    if "torch" in sys.modules:  # nothing was on a GPU otherwise
+        from detector.yolo.recording import release_device_memory
+
+        release_device_memory()
 
 
 def open_run(path) -> Run:
@@ -57,6 +96,7 @@ def train_config(**options) -> TrainConfig:
     return replace(config, command=("detector", "train", *config.to_argv()))
 
 
+@_lets_go_on_error
 def train(data=None, **options) -> Run:
     """Train one run (as `detector train`) and return it; with resume=PATH, continue that run."""
     from detector.train import run as training
@@ -72,6 +112,7 @@ def resume(path, device=None, **options) -> Run:
     return train(resume=path, device=device, **options)
 
 
+@_lets_go_on_error
 def sweep(batches, seeds=(0,), semantics: str = "accumulate", lr_scaling: str | None = None, name: str | None = None,
           backend: str = "local", address: str | None = None, gpus_per_run: float | None = None,
           cpus_per_run: float | None = None, **options) -> Sweep:
@@ -109,6 +150,7 @@ def compare(paths, out=None) -> Report:
     return Report(html)
 
 
+@_lets_go_on_error
 def plan(data=None, gpu_memory=None, classes: int | None = None, boxes_per_image: int | None = None, **options):
     """What `detector batch` answers: the BatchDecision here, or with gpu_memory=[GB, ...] the GpuPlan."""
     from detector.train import autobatch
@@ -123,6 +165,7 @@ def plan(data=None, gpu_memory=None, classes: int | None = None, boxes_per_image
         return gpuplan.plan(config, gpuplan.parse_gpu_sizes(gpu_memory), classes, boxes_per_image)
 
 
+@_lets_go_on_error
 def export(source, format: str = "onnx", **options) -> Path:
     """Export a run's best.pt (or a .pt) and check parity (as `detector export`); returns the exported model."""
     from detector.deploy import export as exporting
@@ -133,6 +176,7 @@ def export(source, format: str = "onnx", **options) -> Path:
         return exporting.run(config)
 
 
+@_lets_go_on_error
 def predict(weights, source, **options) -> Path:
     """Detect objects in images (as `detector predict`); returns the output folder."""
     from detector.deploy import predict as predicting

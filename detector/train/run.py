@@ -115,8 +115,7 @@ def _supervise(recorder: Recorder, run_dir: Path, with_tensorboard: bool, work, 
             if with_tensorboard:  # inside the block, so a signal during its setup still marks the run
                 stream = tensorboard.live(recorder, run_dir)
             outcome = work()
-    except KeyboardInterrupt as e:
-        _let_go(e)
+    except KeyboardInterrupt:
         _finish(recorder, "interrupted")
         if not (run_dir / "weights" / "last.pt").is_file():
             raise TrainingInterrupted(f"training interrupted before its first epoch ended; {run_dir} has no "
@@ -125,26 +124,15 @@ def _supervise(recorder: Recorder, run_dir: Path, with_tensorboard: bool, work, 
             f"training interrupted; {run_dir} keeps every completed row and epoch, continue with --resume {run_dir}"
         ) from None
     except DetectorError as e:
-        _let_go(e)
         _finish(recorder, "failed", error=str(e))
         raise
     except Exception as e:  # Ultralytics or PyTorch failed: keep the traceback in the run, say one line here
-        error = _failed(recorder, run_dir, e)
-        _let_go(e)
-        raise error from e
+        raise _failed(recorder, run_dir, e) from e
     finally:  # interrupted or failed runs get their event files too, as far as they got
         if with_tensorboard:
             tensorboard.after_training(run_dir, stream)
     recorder.finish("completed")
     return outcome
-
-
-def _let_go(e: BaseException) -> None:
-    """Free what the stopped training held, so a notebook's next training starts on an empty GPU (recording.drop_frames)."""
-    from detector.yolo.recording import drop_frames, release_device_memory
-
-    drop_frames(e)
-    release_device_memory()
 
 
 def _failed(recorder: Recorder, run_dir: Path, e: Exception) -> DetectorError:

@@ -8,7 +8,7 @@ from ultralytics.cfg import DEFAULT_CFG
 from detector import facts
 from detector.errors import UsageError
 from detector.yolo.hermetic import offline_check_amp
-from detector.yolo.recording import drop_frames, is_out_of_memory, release_device_memory
+from detector.yolo.recording import is_out_of_memory, release_device_memory
 
 
 def cuda_devices(device: str | None) -> list[dict]:
@@ -43,9 +43,6 @@ def probe_batch_memory(model_spec: str, nc: int, imgsz: int, candidates, device_
     try:
         return _probe_candidates(model_spec, nc, imgsz, candidates, device, train_labels, val_labels, amp,
                                  stop_above_gb, val_aspects)
-    except BaseException as e:  # e.g. Ctrl-C in a notebook: the error kept must not hold the probe's model
-        drop_frames(e)
-        raise
     finally:
         release_device_memory()
         torch.cuda.reset_peak_memory_stats(device)

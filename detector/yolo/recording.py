@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import traceback
 from pathlib import Path
 
 import torch
@@ -138,22 +137,6 @@ def release_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def drop_frames(error: BaseException) -> None:
-    """Clear the locals of the finished frames an error (and the errors it chains) passed through.
-
-    A notebook keeps the last error (sys.last_value) and so its traceback, whose frames hold the trainer's
-    model, optimizer and batch on the GPU: the next training in that kernel starts on top of them. A
-    published batch-16 run read 8.5 GiB at its first epoch because a batch-32 attempt interrupted just
-    before it in the same kernel (8.39 GiB) was still held (tests/data/gpu_memory_calibration.csv,
-    t4-bees-v11n-b16-800). The traceback keeps its files and line numbers for messages and error.log.
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)  # frames still running (the caller's) are skipped
-        error = error.__cause__ or error.__context__
 
 
 def _fit_once(spec: str, recorder: Recorder, trainer_cls: type, **train_args) -> dict:
